@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .utils import format_bytes
+
 log = logging.getLogger(__name__)
 
 # Offsets of tensors inside a slab (and the identical slot layout) are rounded up to this, so every
@@ -485,7 +487,7 @@ class BlockSwapEngine:
             members = groups[group]
             if group in {u.name for u in members}:  # a single named unit such as text_embedding
                 where = "streamed from CPU RAM" if members[0].swapped else "kept on the GPU"
-                lines.append(f"{group}: {where} ({_mib(members[0].param_bytes())})")
+                lines.append(f"{group}: {where} ({format_bytes(members[0].param_bytes())})")
                 continue
             resident = [u.name for u in members if not u.swapped]
             swapped = [u.name for u in members if u.swapped]
@@ -495,8 +497,8 @@ class BlockSwapEngine:
             lines.append(f"GPU {group}: {len(resident)}")
             lines.append(f"CPU {group}: {len(swapped)}")
         lines.append(
-            f"Resident {_mib(self.resident_bytes())} on {self.compute_device}, swapped {_mib(self.swapped_bytes())} "
-            f"in CPU RAM, {self.num_slots()} slot(s) = {_mib(self.slot_bytes())}, prefetch {self.prefetch_blocks}, "
+            f"Resident {format_bytes(self.resident_bytes())} on {self.compute_device}, swapped {format_bytes(self.swapped_bytes())} "
+            f"in CPU RAM, {self.num_slots()} slot(s) = {format_bytes(self.slot_bytes())}, prefetch {self.prefetch_blocks}, "
             f"non_blocking {self.use_non_blocking}"
         )
         return lines
@@ -609,7 +611,7 @@ class BlockSwapEngine:
                         log.warning(
                             "[BlockSwap] Pinned-memory budget (%s) reached or pinning failed at %s: "
                             "remaining swapped units use pageable RAM, so their copies cannot overlap compute",
-                            _mib(budget),
+                            format_bytes(budget),
                             unit.name,
                         )
             for (*_, t), view in zip(current, unit.slab_views, strict=True):
@@ -739,14 +741,14 @@ class BlockSwapEngine:
         parts = [
             f"{c.passes} passes",
             f"{c.copies} copies",
-            f"{_mib(c.bytes_copied)} moved ({_mib(c.bytes_copied // max(c.passes, 1))}/pass)",
+            f"{format_bytes(c.bytes_copied)} moved ({format_bytes(c.bytes_copied // max(c.passes, 1))}/pass)",
             f"{c.misses} on-demand",
         ]
         if stats is not None and stats.copy_ms:
             parts.append(f"copy {stats.copy_gbps(c.bytes_copied):.1f} GB/s")
             parts.append(f"stall {stats.stall_ms:.1f} ms ({stats.stall_ms / max(c.passes, 1):.2f} ms/pass)")
         if stats is not None and stats.peak_allocated is not None:
-            parts.append(f"peak VRAM allocated {_mib(stats.peak_allocated)}")
+            parts.append(f"peak VRAM allocated {format_bytes(stats.peak_allocated)}")
         log.info("[BlockSwap] Run: %s", ", ".join(parts))
 
 
@@ -807,7 +809,3 @@ def _ranges(names: list[str]) -> str:
 
 def _summarize_names(names: list[str]) -> str:
     return ", ".join(names) if len(names) <= 8 else ", ".join(names[:4]) + ", ..., " + ", ".join(names[-2:])
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"

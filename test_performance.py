@@ -1,0 +1,629 @@
+#!/usr/bin/env python3
+"""Measure what block swapping costs and saves on this machine.
+
+    python test_performance.py                       # synthetic WAN model, built-in defaults
+    python test_performance.py --preset 14b --blocks-to-swap 40 --prefetch 1 --non-blocking
+    python test_performance.py --model-path /path/to/wan.safetensors --test-all
+
+Each configuration runs the same forward passes ("steps") as a model with every block resident and
+reports VRAM, RAM, step time, bytes moved per step, copy bandwidth and how long compute waited for
+copies. Results go to a JSON file (default block_swap_performance_results.json).
+
+The model is a WAN-shaped transformer in plain torch (synthetic_model.py): the real block
+architecture and parameter shapes with random weights, or the weights of a WAN .safetensors file. It
+runs the same work per block as WAN, so memory and timing behave like the real model; its outputs are
+not WAN's (no RoPE, simplified time embedding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+PACKAGE = "wan22_blockswap"
+DEFAULT_OUTPUT = "block_swap_performance_results.json"
+ORIGINAL_ROW_KEYS = (
+    "model_path",
+    "blocks_to_swap",
+    "gpu_savings_mb",
+    "gpu_savings_percent",
+    "cpu_increase_mb",
+    "cpu_increase_percent",
+    "time_difference_s",
+    "time_difference_percent",
+    "memory_no_swap",
+    "memory_with_swap",
+)
+NO_GPU = "n/a (no GPU)"
+
+
+def load_package():
+    """Import this repository as the package `wan22_blockswap` (its modules use relative imports)."""
+    if PACKAGE in sys.modules and hasattr(sys.modules[PACKAGE], "synthetic_model"):
+        return sys.modules[PACKAGE]
+    spec = importlib.util.spec_from_file_location(
+        PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    for name in ("utils", "block_manager", "wan_units", "synthetic_model"):
+        importlib.import_module(f"{PACKAGE}.{name}")
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (got {text!r})") from e
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 (got {text!r})")
+    return values
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 832x480 (got {text!r})") from e
+    if width < 16 or height < 16:
+        raise argparse.ArgumentTypeError(f"width and height must be >= 16 (got {text!r})")
+    return width, height
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="test_performance.py",
+        description="Benchmark WAN block swapping: VRAM saved, RAM used, step time, copy bandwidth.",
+    )
+    p.add_argument("--model-path", help="a WAN .safetensors file (default: random weights of --preset)")
+    p.add_argument(
+        "--preset",
+        choices=["1.3b", "5b", "14b", "tiny"],
+        default=None,
+        help="block shapes of the synthetic model (default: 1.3b)",
+    )
+    p.add_argument("--layers", type=_positive_int, help="use this many blocks instead of the preset's")
+    p.add_argument(
+        "--blocks-to-swap",
+        type=_non_negative_int,
+        default=None,
+        help="blocks kept in CPU RAM (default: 20, or every block with --test-all off and fewer)",
+    )
+    p.add_argument("--test-all", action="store_true", help="sweep blocks_to_swap over 0..all blocks")
+    p.add_argument(
+        "--prefetch",
+        type=_non_negative_int,
+        nargs="+",
+        default=None,
+        help="prefetch_blocks value(s) to measure (default: 1 on a GPU, 0 on CPU)",
+    )
+    p.add_argument(
+        "--non-blocking",
+        action="store_true",
+        help="pinned RAM + asynchronous copies (on by default on a GPU when --prefetch is not given)",
+    )
+    p.add_argument(
+        "--placement",
+        choices=["tail", "spread"],
+        default="tail",
+        help="which blocks to swap: the last ones, or spread among resident ones",
+    )
+    p.add_argument("--tokens", type=_int_list, help="tokens per step, comma-separated for several points")
+    p.add_argument("--resolution", type=_resolution, help="video size WIDTHxHEIGHT (with --frames)")
+    p.add_argument("--frames", type=_positive_int, default=81, help="video frames (with --resolution)")
+    p.add_argument("--steps", type=_positive_int, default=3, help="timed forward passes per configuration")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="weights (default: bf16 on GPU, fp32 on CPU)"
+    )
+    p.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
+    p.add_argument("--output", default=DEFAULT_OUTPUT, help=f"JSON results file (default {DEFAULT_OUTPUT})")
+    p.add_argument("--json-only", action="store_true", help="print only the JSON document")
+    p.add_argument(
+        "--compare-native",
+        action="store_true",
+        help="also run ComfyUI's own offloading at the same VRAM budget (needs ComfyUI importable)",
+    )
+    return p
+
+
+@dataclasses.dataclass
+class Workload:
+    model_path: str | None
+    preset: str
+    variant: str
+    layers: int
+    dtype: torch.dtype
+    device: torch.device
+    tokens: list[int]
+    text_tokens: int
+    steps: int
+
+
+def tokens_for_video(preset: str, width: int, height: int, frames: int) -> int:
+    # WAN VAEs compress 4x in time; 8x in space (16x for the 5B's 2.2 VAE); patches are 1x2x2.
+    spatial = 32 if preset == "5b" else 16
+    return ((frames - 1) // 4 + 1) * (height // spatial) * (width // spatial)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def load_model(workload: Workload, pkg):
+    sm = pkg.synthetic_model
+    if workload.model_path is None:
+        return sm.build_model(
+            workload.preset,
+            workload.variant,
+            num_layers=workload.layers,
+            dtype=workload.dtype,
+            device="cpu",
+            init_device=workload.device if workload.device.type == "cuda" else "cpu",
+        )
+    return load_safetensors_model(Path(workload.model_path), workload, pkg)
+
+
+def shape_from_state_dict(keys_and_shapes: dict[str, tuple[int, ...]], pkg):
+    """WAN block shapes from ComfyUI-named weights (head dim is 128 in every released WAN)."""
+    sm = pkg.synthetic_model
+    try:
+        dim = keys_and_shapes["blocks.0.self_attn.q.weight"][0]
+        ffn = keys_and_shapes["blocks.0.ffn.0.weight"][0]
+        in_dim = keys_and_shapes["patch_embedding.weight"][1]
+        text_dim = keys_and_shapes["text_embedding.0.weight"][1]
+        out_dim = keys_and_shapes["head.head.weight"][0] // 4
+    except KeyError as e:
+        raise SystemExit(
+            f"--model-path: not a WAN diffusion model in ComfyUI's key format (missing {e})"
+        ) from e
+    layers = 1 + max(int(k.split(".")[1]) for k in keys_and_shapes if k.startswith("blocks."))
+    variant = (
+        "vace"
+        if any(k.startswith("vace_blocks.") for k in keys_and_shapes)
+        else ("i2v" if any(k.startswith("img_emb.") for k in keys_and_shapes) else "t2v")
+    )
+    return sm.WanShape(
+        dim=dim,
+        ffn_dim=ffn,
+        num_heads=max(1, dim // 128),
+        num_layers=layers,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        text_dim=text_dim,
+    ), variant
+
+
+def load_safetensors_model(path: Path, workload: Workload, pkg):
+    if not path.is_file():
+        raise SystemExit(f"--model-path: no such file: {path}")
+    if path.suffix.lower() == ".gguf":
+        raise SystemExit(
+            "--model-path: GGUF files are benchmarked through ComfyUI (with the pack's loader); "
+            "this standalone benchmark reads .safetensors files"
+        )
+    from safetensors import safe_open
+
+    sm = pkg.synthetic_model
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shape, variant = shape_from_state_dict(shapes, pkg)
+        workload.variant, workload.layers = variant, shape.num_layers
+        with torch.device("meta"):
+            model = sm.SyntheticWanModel(shape, variant)
+        model = model.to(workload.dtype).to_empty(device="cpu")
+        own = model.state_dict(keep_vars=True)
+        missing = [k for k in own if k not in shapes]
+        if missing:
+            raise SystemExit(f"--model-path: the file lacks {len(missing)} WAN weights, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(f.get_tensor(key).to(workload.dtype).view(target.shape))
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_pinned_copy_gbps(device: torch.device, nbytes: int, repeats: int = 5) -> float | None:
+    """Host-to-device bandwidth of a plain pinned copy of `nbytes`, the ceiling for swapping."""
+    if device.type != "cuda" or nbytes == 0:
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src, non_blocking=True)
+    sync(device)
+    seconds = time.perf_counter() - start
+    del src, dst
+    return nbytes * repeats / seconds / 1e9
+
+
+def memory_snapshot(device: torch.device, pkg) -> dict[str, object]:
+    utils = pkg.utils
+    snap: dict[str, object] = {"cpu_rss_mb": round(utils.process_rss() / 2**20, 1)}
+    if device.type == "cuda":
+        for key, value in utils.cuda_memory(device).items():
+            snap[f"gpu_{key}_mb"] = round(value / 2**20, 1)
+    else:
+        for key in ("allocated", "reserved", "peak_allocated", "peak_reserved"):
+            snap[f"gpu_{key}_mb"] = NO_GPU
+    return snap
+
+
+class Progress:
+    """One-line progress bar on stderr (silent with --json-only or when stderr is not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled = total, 0, enabled and sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.enabled:
+            width = 30
+            filled = width * self.done // self.total
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label:<40}"
+            )
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def place_non_units(model, device: torch.device, unit_names: set[str]) -> None:
+    """Modules outside the swap units (time embedding, head, ...) always live on the compute device."""
+    for name, child in model.named_children():
+        if name not in unit_names:
+            child.to(device)
+
+
+def run_config(
+    model,
+    workload: Workload,
+    tokens: int,
+    blocks_to_swap: int,
+    prefetch: int,
+    non_blocking: bool,
+    placement: str,
+    pkg,
+    progress: Progress,
+) -> dict[str, object]:
+    bm, wu, sm = pkg.block_manager, pkg.wan_units, pkg.synthetic_model
+    device = workload.device
+    choice = wu.plan_wan_swap(model, blocks_to_swap, placement=placement)
+    engine = bm.BlockSwapEngine(
+        choice.units,
+        choice.swap,
+        device,
+        prefetch_blocks=prefetch,
+        use_non_blocking=non_blocking,
+        debug=device.type == "cuda",
+    )
+    inputs = sm.example_inputs(model, tokens=tokens, text_tokens=workload.text_tokens)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    engine.attach()  # first attach builds (and pins) the host slabs and loads resident blocks
+    sync(device)
+    load_time = time.perf_counter() - start
+    try:
+        with torch.inference_mode():
+            model(**inputs)  # warm-up: kernels, allocator
+        engine.detach()
+        sync(device)
+        # The timed run is a second attach, as every later sampling run is: slabs already exist.
+        engine.counters.reset()
+        engine.attach()
+        steady = memory_snapshot(device, pkg)
+        times = []
+        with torch.inference_mode():
+            for _ in range(workload.steps):
+                t0 = time.perf_counter()
+                model(**inputs)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+        after = memory_snapshot(device, pkg)
+        counters = dataclasses.replace(engine.counters)
+        pinned = engine.pinned_bytes()
+        engine.detach()
+    finally:
+        engine.release()
+    stats = engine.last_run
+    steps = workload.steps
+    step_time = statistics.median(times)
+    moved = counters.bytes_copied / steps
+    progress.step(f"tokens={tokens} swap={blocks_to_swap} prefetch={prefetch}")
+    row = {
+        "mode": "blockswap",
+        "tokens": tokens,
+        "blocks_to_swap": blocks_to_swap,
+        "prefetch_blocks": prefetch,
+        "non_blocking": non_blocking,
+        "placement": placement,
+        "load_time_s": round(load_time, 3),
+        "step_time_s": round(step_time, 4),
+        "step_times_s": [round(t, 4) for t in times],
+        "bytes_moved_per_step": int(moved),
+        "h2d_effective_gbps": round(moved / step_time / 1e9, 2) if moved else 0.0,
+        "copy_gbps": None,
+        "stall_ms_per_step": None,
+        "pinned_mb": round(pinned / 2**20, 1),
+        "slot_mb": round(engine.slot_bytes() / 2**20, 1) if blocks_to_swap else 0.0,
+        "resident_weights_mb": round(engine.resident_bytes() / 2**20, 1),
+        "swapped_weights_mb": round(engine.swapped_bytes() / 2**20, 1),
+        "on_demand_copies_per_step": counters.misses / steps,
+        "memory": {
+            **{f"steady_{k}": v for k, v in steady.items() if "peak" not in k},
+            **{k: v for k, v in after.items() if "peak" in k},
+            "cpu_rss_mb": after["cpu_rss_mb"],
+        },
+    }
+    if stats is not None and stats.copy_ms and device.type == "cuda":
+        row["copy_gbps"] = round(stats.copy_gbps(counters.bytes_copied) or 0.0, 2)
+        row["stall_ms_per_step"] = round(stats.stall_ms / steps, 2)
+    return row
+
+
+def compare(row: dict[str, object], base: dict[str, object], model_path: str | None) -> dict[str, object]:
+    """Fill the original tool's keys: savings and costs of this row relative to the no-swap row."""
+    mem, base_mem = row["memory"], base["memory"]
+    row["model_path"] = model_path
+    if isinstance(mem.get("gpu_peak_allocated_mb"), (int, float)):
+        saved = base_mem["gpu_peak_allocated_mb"] - mem["gpu_peak_allocated_mb"]
+        row["gpu_savings_mb"] = round(saved, 1)
+        row["gpu_savings_percent"] = round(100 * saved / base_mem["gpu_peak_allocated_mb"], 1)
+    else:
+        row["gpu_savings_mb"] = row["gpu_savings_percent"] = None
+    extra = mem["cpu_rss_mb"] - base_mem["cpu_rss_mb"]
+    row["cpu_increase_mb"] = round(extra, 1)
+    row["cpu_increase_percent"] = round(100 * extra / base_mem["cpu_rss_mb"], 1)
+    row["time_difference_s"] = round(row["step_time_s"] - base["step_time_s"], 4)
+    row["time_difference_percent"] = round(100 * (row["step_time_s"] / base["step_time_s"] - 1), 1)
+    row["step_time_ratio"] = round(row["step_time_s"] / base["step_time_s"], 3)
+    row["memory_no_swap"] = base_mem
+    row["memory_with_swap"] = mem
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def _cell(value, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:,.2f}{unit}" if abs(value) < 100 else f"{value:,.0f}{unit}"
+    return f"{value:,}{unit}"
+
+
+def format_table(doc: dict[str, object]) -> str:
+    columns = [
+        ("tokens", "tokens", ""),
+        ("blocks_to_swap", "swap", ""),
+        ("prefetch_blocks", "pf", ""),
+        ("step_time_s", "step s", ""),
+        ("step_time_ratio", "x base", ""),
+        ("gpu_savings_mb", "VRAM saved MB", ""),
+        ("cpu_increase_mb", "RAM +MB", ""),
+        ("bytes_moved_per_step", "MB/step", ""),
+        ("h2d_effective_gbps", "eff GB/s", ""),
+        ("copy_gbps", "copy GB/s", ""),
+        ("stall_ms_per_step", "stall ms", ""),
+    ]
+    rows = []
+    for r in doc["results"]:
+        cells = []
+        for key, _, unit in columns:
+            value = r.get(key)
+            if key == "bytes_moved_per_step":
+                value = round(value / 2**20, 1)
+            if key == "gpu_savings_mb" and value is None and doc["machine"]["gpu"] is None:
+                value = NO_GPU
+            if r.get("mode") != "blockswap" and key == "prefetch_blocks":
+                value = r["mode"]
+            cells.append(_cell(value, unit))
+        rows.append(cells)
+    headers = [h for _, h, _ in columns]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def summary_header(doc: dict[str, object]) -> str:
+    m, w = doc["machine"], doc["workload"]
+    where = (
+        f"{m['gpu']} ({m['gpu_memory_gb']} GB, {m['pcie_link'] or 'PCIe link unknown'})"
+        if m["gpu"]
+        else "CPU only"
+    )
+    lines = [
+        f"Machine: {where}; CPU {m['cpu']} x{m['cpu_cores']}, {m['ram_gb']} GB RAM; torch {m['torch']}",
+        f"Model: {w['model_path'] or 'synthetic ' + w['preset']} {w['variant']}, {w['layers']} blocks, {w['dtype']}, "
+        f"{w['steps']} timed steps per row, text tokens {w['text_tokens']}",
+    ]
+    if doc["plain_pinned_copy_gbps"]:
+        lines.append(
+            f"Plain pinned host->device copy on this machine: {doc['plain_pinned_copy_gbps']:.1f} GB/s"
+        )
+    if doc["smoke_run"]:
+        lines.append(
+            "NOTE: no GPU - this is a smoke run of the machinery (host slabs copied into CPU slots), "
+            "not a performance result. VRAM columns: " + NO_GPU
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_workload(args, parser) -> Workload:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available")
+    preset = args.preset or "1.3b"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    if args.tokens and args.resolution:
+        parser.error("give either --tokens or --resolution/--frames, not both")
+    if args.resolution:
+        tokens = [tokens_for_video(preset, *args.resolution, args.frames)]
+    else:
+        tokens = args.tokens or ([32760, 1560] if device.type == "cuda" else [256])
+    layers = args.layers or pkg_shapes()[preset].num_layers
+    return Workload(args.model_path, preset, "t2v", layers, dtype, device, tokens, 512, args.steps)
+
+
+def pkg_shapes():
+    return load_package().synthetic_model.PRESETS
+
+
+def swap_counts(args, layers: int) -> list[int]:
+    if args.test_all:
+        step = max(1, layers // 4)
+        return sorted({*range(step, layers, step), layers})
+    count = args.blocks_to_swap if args.blocks_to_swap is not None else min(20, layers)
+    if count > layers:
+        raise SystemExit(f"--blocks-to-swap must be between 0 and {layers} for this model (got {count})")
+    return [count]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    pkg = load_package()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    workload = resolve_workload(args, parser)
+    prefetches = (
+        args.prefetch if args.prefetch is not None else ([1] if workload.device.type == "cuda" else [0])
+    )
+    non_blocking = args.non_blocking or workload.device.type == "cuda" and args.prefetch is None
+
+    load_start = time.perf_counter()
+    model = load_model(workload, pkg)
+    model_load_s = time.perf_counter() - load_start
+    counts = swap_counts(args, workload.layers)
+    unit_names = {name.split(".")[0] for name, _ in pkg.wan_units.execution_order(model)}
+    place_non_units(model, workload.device, unit_names)
+
+    largest_block = max(sum(t.numel() * t.element_size() for t in b.parameters()) for b in model.blocks)
+    doc: dict[str, object] = {
+        "tool": "test_performance.py",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "smoke_run": workload.device.type != "cuda",
+        "machine": pkg.utils.machine_info(),
+        "workload": {
+            "model_path": workload.model_path,
+            "preset": workload.preset if workload.model_path is None else None,
+            "variant": workload.variant,
+            "layers": workload.layers,
+            "dtype": str(workload.dtype).replace("torch.", ""),
+            "device": str(workload.device),
+            "tokens": workload.tokens,
+            "text_tokens": workload.text_tokens,
+            "steps": workload.steps,
+            "model_build_s": round(model_load_s, 2),
+        },
+        "plain_pinned_copy_gbps": None,
+        "results": [],
+    }
+    gbps = plain_pinned_copy_gbps(workload.device, largest_block)
+    doc["plain_pinned_copy_gbps"] = round(gbps, 2) if gbps else None
+    total = len(workload.tokens) * (1 + len(counts) * len(prefetches))
+    progress = Progress(total, enabled=not args.json_only)
+    for tokens in workload.tokens:
+        base = run_config(model, workload, tokens, 0, 0, False, args.placement, pkg, progress)
+        compare(base, base, workload.model_path)
+        doc["results"].append(base)
+        for count in counts:
+            for prefetch in prefetches:
+                row = run_config(
+                    model, workload, tokens, count, prefetch, non_blocking, args.placement, pkg, progress
+                )
+                doc["results"].append(compare(row, base, workload.model_path))
+    if args.compare_native:
+        doc["native_comparison"] = run_native_comparison(model, workload, doc, pkg)
+    progress.close()
+
+    Path(args.output).write_text(json.dumps(doc, indent=2))
+    if args.json_only:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(summary_header(doc))
+        print(format_table(doc))
+        print(f"Results written to {args.output}")
+    return 0
+
+
+def run_native_comparison(model, workload: Workload, doc, pkg) -> dict[str, object]:
+    """ComfyUI's own offloading at the same VRAM budget, when ComfyUI is importable."""
+    try:
+        import comfy.model_management  # noqa: F401
+    except ImportError:
+        message = (
+            "ComfyUI is not importable, so --compare-native was skipped. Run from a ComfyUI environment "
+            "(put the ComfyUI folder on PYTHONPATH)."
+        )
+        print(message, file=sys.stderr)
+        return {"skipped": message}
+    native = importlib.import_module(f"{PACKAGE}.native_benchmark")
+    return native.run(model, workload, doc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

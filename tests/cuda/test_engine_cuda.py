@@ -1,0 +1,117 @@
+"""The swap engine on a CUDA GPU: copy stream, events, pinned slabs, VRAM bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wan22_blockswap import block_manager as bm
+from wan22_blockswap import synthetic_model as sm
+from wan22_blockswap import wan_units as wu
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none found)"),
+]
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def model():
+    # 1.3B block shapes, 8 blocks, bf16: big enough for real kernels, small enough to be quick.
+    m = sm.build_model("1.3b", "vace", num_layers=8, dtype=torch.bfloat16, device="cpu", init_device=CUDA)
+    for name, child in m.named_children():
+        if name not in ("blocks", "vace_blocks", "text_embedding", "img_emb"):
+            child.to(CUDA)
+    return m
+
+
+def engine_for(model, blocks_to_swap, prefetch, non_blocking, **kwargs):
+    choice = wu.plan_wan_swap(model, blocks_to_swap, offload_txt_emb=kwargs.pop("offload_txt_emb", False))
+    return bm.BlockSwapEngine(
+        choice.units, choice.swap, CUDA, prefetch_blocks=prefetch, use_non_blocking=non_blocking, **kwargs
+    )
+
+
+def reference_output(model, inputs):
+    engine = engine_for(model, 0, 0, False)  # everything resident
+    with engine.attached(), torch.inference_mode():
+        out = model(**inputs)
+    torch.cuda.synchronize()
+    return out.clone()
+
+
+@pytest.mark.parametrize("prefetch, non_blocking", [(0, False), (0, True), (1, True), (2, True), (1, False)])
+def test_cuda_swapped_output_equals_unswapped(model, prefetch, non_blocking):
+    inputs = sm.example_inputs(model, tokens=1024, vace_contexts=2)
+    reference = reference_output(model, inputs)
+    engine = engine_for(model, 8, prefetch, non_blocking, offload_txt_emb=True, debug=True)
+    for _ in range(2):  # the second run reuses the slabs
+        with engine.attached(), torch.inference_mode():
+            for _ in range(3):
+                assert torch.equal(model(**inputs), reference)
+    assert engine.counters.misses == (engine.counters.unit_runs if prefetch == 0 else 0)
+    assert engine.last_run.copy_ms > 0
+    engine.release()
+
+
+def test_cuda_no_swapped_parameter_on_the_gpu_after_a_run(model):
+    engine = engine_for(model, 6, 1, True)
+    with engine.attached(), torch.inference_mode():
+        model(**sm.example_inputs(model, tokens=256, vace_contexts=1))
+    for unit in engine.swapped_units:
+        assert all(t.device.type == "cpu" for *_, t in unit.tensors()), unit.name
+    for unit in engine.resident_units:
+        assert all(t.device.type == "cpu" for *_, t in unit.tensors()), unit.name  # moved back by detach
+    engine.release()
+
+
+def test_cuda_slabs_are_pinned_exactly_and_unpinned_on_release(model):
+    before = bm.pinned_bytes_in_use()
+    engine = engine_for(model, 6, 1, True)
+    with engine.attached():
+        slab_bytes = sum(u.slab.numel() for u in engine.swapped_units)
+        assert engine.pinned_bytes() == slab_bytes
+        assert bm.pinned_bytes_in_use() - before == slab_bytes
+        assert all(u.slab.is_pinned() for u in engine.swapped_units)
+    engine.release()
+    assert bm.pinned_bytes_in_use() == before
+    assert not any(u.slab.is_pinned() for u in engine.swapped_units)
+
+
+def test_cuda_pinned_budget_falls_back_to_pageable_with_one_warning(model, caplog):
+    engine = engine_for(model, 6, 1, True, pinned_budget_bytes=1)
+    with caplog.at_level("WARNING"), engine.attached(), torch.inference_mode():
+        model(**sm.example_inputs(model, tokens=256, vace_contexts=1))
+    warnings = [r for r in caplog.records if "Pinned-memory budget" in r.getMessage()]
+    assert len(warnings) == 1
+    assert engine.pinned_bytes() == 0
+    engine.release()
+
+
+def test_cuda_peak_vram_stays_within_resident_plus_slots_plus_activations(model):
+    inputs = sm.example_inputs(model, tokens=4096, vace_contexts=1)
+    # Activation peak of the unswapped model, measured: peak minus what was allocated before.
+    resident_all = engine_for(model, 0, 0, False)
+    with resident_all.attached(), torch.inference_mode():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model(**inputs)
+        torch.cuda.synchronize()
+        activations = torch.cuda.max_memory_allocated() - base
+    non_unit = torch.cuda.memory_allocated()  # time embedding, head, ... (stay on the GPU)
+
+    engine = engine_for(model, 6, 1, True)
+    with engine.attached(), torch.inference_mode():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        model(**inputs)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    bound = non_unit + engine.resident_bytes() + engine.slot_bytes() + activations
+    # The caching allocator rounds each resident tensor up to 512 bytes.
+    slack = 512 * sum(len(list(u.tensors())) for u in engine.resident_units)
+    assert peak <= bound + slack, (peak, bound)
+    assert peak < non_unit + resident_all.resident_bytes() + activations  # and it does save memory
+    engine.release()
