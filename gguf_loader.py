@@ -1,0 +1,404 @@
+"""WAN GGUF files -> torch state dicts, without ComfyUI.
+
+Quantized tensors stay as their raw bytes in :class:`GGUFWeight` (moved and swapped as bytes,
+dequantized on the GPU inside the layer); float tensors come back as plain tensors. Both alias
+the file's read-only memory map: nothing is copied into RAM at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from .gguf_dequant import SUPPORTED_TYPES, dequantize, is_quantized
+
+logger = logging.getLogger(__name__)
+
+WAN_ARCHITECTURE = "wan"
+ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
+
+_FLOAT_DTYPES = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# GGUFWeight
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_gguf_attrs(src: GGUFWeight, dst: torch.Tensor) -> GGUFWeight:
+    out = dst if isinstance(dst, GGUFWeight) else dst.as_subclass(GGUFWeight)
+    out.tensor_type = src.tensor_type
+    out.tensor_shape = src.tensor_shape
+    # A fresh list: appending a LoRA patch to one copy must not patch the other.
+    out.patches = list(src.patches)
+    return out
+
+
+def _keeps_raw_dtype(kwargs: Mapping[str, Any]) -> bool:
+    return kwargs.get("dtype") in (None, torch.uint8)
+
+
+def _check_to_dtype(args: tuple, kwargs: Mapping[str, Any]) -> None:
+    parse_kwargs = {k: v for k, v in kwargs.items() if k != "copy"}  # _parse_to rejects copy=
+    _device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args[1:], **parse_kwargs)
+    if dtype is not None and dtype != torch.uint8:
+        raise TypeError(
+            f"GGUFWeight holds raw quantized bytes; .to({dtype}) would reinterpret them. "
+            "Use .dequantize(dtype) to get values."
+        )
+
+
+class GGUFWeight(torch.Tensor):
+    """Raw bytes (uint8) of a GGML-quantized weight plus what is needed to decode them.
+
+    ``.shape`` is the raw byte shape (so byte counts stay honest); ``tensor_shape`` is the
+    logical torch-order shape, ``tensor_type`` the GGML type, ``patches`` LoRA patches that a
+    layer applies after :meth:`dequantize`. Moving (``to``/``cuda``/``cpu``/``pin_memory``),
+    ``detach``, ``clone`` (a real copy), ``new_empty``, ``empty_like`` and ``param.data`` keep
+    these attributes; every other op returns a plain tensor, because a slice or a reshape of
+    quantized bytes is no longer a decodable weight.
+    """
+
+    tensor_type: GGMLQuantizationType
+    tensor_shape: torch.Size
+    patches: list
+
+    # Ops whose result is the same bytes (or a same-sized buffer for them) and so the same weight.
+    _KEEPS_ATTRS = {
+        torch.Tensor.to,
+        torch.Tensor.cuda,
+        torch.Tensor.cpu,
+        torch.Tensor.detach,
+        torch.Tensor.clone,
+        torch.Tensor.contiguous,
+        torch.Tensor.pin_memory,
+        torch.Tensor.data.__get__,
+    }
+    _KEEPS_ATTRS_SAME_DTYPE = {torch.Tensor.new_empty, torch.empty_like}
+
+    def __new__(
+        cls,
+        data: torch.Tensor,
+        *,
+        tensor_type: GGMLQuantizationType | int,
+        tensor_shape: tuple[int, ...] | torch.Size,
+        patches: list | None = None,
+    ) -> GGUFWeight:
+        if data.dtype != torch.uint8:
+            raise TypeError(f"GGUFWeight data must be uint8 raw bytes, got {data.dtype}")
+        t = torch.Tensor._make_subclass(cls, data, False)
+        t.tensor_type = GGMLQuantizationType(tensor_type)
+        t.tensor_shape = torch.Size(int(s) for s in tensor_shape)
+        t.patches = list(patches) if patches is not None else []
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            _check_to_dtype(args, kwargs)
+        # Run the op on plain tensors: torch's default would re-wrap every result as GGUFWeight
+        # without attributes, which is how the weight of a sliced view would get lost silently.
+        with torch._C.DisableTorchFunctionSubclass():
+            ret = func(*args, **kwargs)
+        src = args[0] if args else None
+        if not isinstance(ret, torch.Tensor) or not isinstance(src, GGUFWeight) or ret is src:
+            return ret  # non-tensors, in-place ops returning self, no-op moves
+        if func in cls._KEEPS_ATTRS or (func in cls._KEEPS_ATTRS_SAME_DTYPE and _keeps_raw_dtype(kwargs)):
+            return _copy_gguf_attrs(src, ret)
+        return ret
+
+    def __deepcopy__(self, memo: dict) -> GGUFWeight:
+        if id(self) in memo:
+            return memo[id(self)]
+        new = self.clone()
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        return new
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return (
+            f"GGUFWeight(type={self.tensor_type.name}, shape={tuple(self.tensor_shape)}, "
+            f"raw={tuple(self.shape)}, device={self.device}, patches={len(self.patches)})"
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The logical-shape values on this tensor's device (float32 when ``dtype`` is None).
+
+        Applies nothing else: ``patches`` are the caller's business.
+        """
+        return dequantize(self, self.tensor_type, self.tensor_shape, dtype or torch.float32)
+
+
+def is_gguf_weight(tensor: object) -> bool:
+    return isinstance(tensor, GGUFWeight)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _field_value(field: Any) -> Any:
+    """Python value of a GGUFReader field (from its parts, which every gguf version has)."""
+    types = list(field.types)
+    if not types:
+        return None
+
+    def scalar(part: np.ndarray, vtype: GGUFValueType) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        return part[0].item()
+
+    if types[0] == GGUFValueType.ARRAY:
+        return [scalar(field.parts[i], types[-1]) for i in field.data]
+    return scalar(field.parts[field.data[0]], types[0])
+
+
+def _open_reader(path: str) -> gguf.GGUFReader:
+    try:
+        # Mode "r": a read-only shared map. A copy-on-write map ("c") would make the arrays
+        # writable, but on Windows it reserves commit charge for the whole file.
+        reader = gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, TypeError, OverflowError, KeyError) as exc:
+        # GGUFReader reports bad magic, short reads and garbage headers in several ways.
+        raise ValueError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    if reader.byte_order != "I":
+        raise ValueError(f"{path} is a GGUF file for the other byte order ({sys.byteorder}-endian host)")
+    return reader
+
+
+def _orig_shape(reader: gguf.GGUFReader, name: str) -> torch.Size | None:
+    field = reader.get_field(ORIG_SHAPE_KEY + name)
+    if field is None:
+        return None
+    value = _field_value(field)
+    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"metadata {ORIG_SHAPE_KEY}{name} is not an integer array: {value!r}")
+    return torch.Size(value)
+
+
+def _tensor_from_map(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # The map is read-only and torch warns that it cannot express that. Nothing here writes
+        # to these tensors; consumers copy them (host slabs) before anything could.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def _metadata(reader: gguf.GGUFReader, path: str, type_counts: Counter) -> dict[str, object]:
+    meta: dict[str, object] = {}
+    for key, field in reader.fields.items():
+        if key.startswith(("general.", f"{WAN_ARCHITECTURE}.")):
+            value = _field_value(field)
+            if value is not None:
+                meta[key] = value
+    version = reader.get_field("GGUF.version")
+    if version is not None:
+        meta["gguf.version"] = _field_value(version)
+    file_type = meta.get("general.file_type")
+    if isinstance(file_type, int):
+        try:
+            meta["gguf.file_type_name"] = gguf.LlamaFileType(file_type).name
+        except ValueError:
+            pass
+    meta["gguf.tensor_types"] = dict(type_counts)
+    meta["gguf.path"] = path
+    return meta
+
+
+def load_gguf_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Load a WAN GGUF file as ``(state_dict, metadata)`` without reading it into RAM.
+
+    Float tensors (F32/F16/BF16) are plain tensors of their dtype and logical shape; quantized
+    ones are :class:`GGUFWeight`. All alias the read-only file map: never write into them.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+
+    reader = _open_reader(path)
+    arch_field = reader.get_field("general.architecture")
+    arch = _field_value(arch_field) if arch_field is not None else None
+    if arch != WAN_ARCHITECTURE:
+        raise ValueError(
+            f"{path}: GGUF architecture is {arch!r}, expected {WAN_ARCHITECTURE!r} "
+            "(only WAN 2.1/2.2 diffusion models can be loaded here)"
+        )
+
+    state_dict: dict[str, torch.Tensor] = {}
+    type_counts: Counter = Counter()
+    for rt in reader.tensors:
+        name, qtype = rt.name, GGMLQuantizationType(rt.tensor_type)
+        if qtype not in SUPPORTED_TYPES:
+            raise ValueError(f"{path}: tensor {name!r} has GGML type {qtype.name}, which is not supported")
+        stored_shape = torch.Size(int(d) for d in reversed(rt.shape.tolist()))  # ggml order -> torch
+        shape = _orig_shape(reader, name) or stored_shape
+        if math.prod(shape) != math.prod(stored_shape):
+            raise ValueError(
+                f"{path}: tensor {name!r}: {ORIG_SHAPE_KEY}{name} = {tuple(shape)} does not match "
+                f"its {math.prod(stored_shape)} stored elements"
+            )
+        data = _tensor_from_map(rt.data)
+        if is_quantized(qtype):
+            state_dict[name] = GGUFWeight(data, tensor_type=qtype, tensor_shape=shape)
+        else:
+            # gguf hands BF16 over as raw bytes; F32/F16 as typed arrays. View both as the dtype.
+            state_dict[name] = data.view(torch.uint8).view(_FLOAT_DTYPES[qtype]).reshape(shape)
+        type_counts[qtype.name] += 1
+
+    meta = _metadata(reader, path, type_counts)
+    summary = ", ".join(f"{n} {k}" for k, n in type_counts.most_common())
+    logger.info(
+        "[BlockSwap] Loaded GGUF %s: %d tensors (%s)", os.path.basename(path), len(state_dict), summary
+    )
+    return state_dict, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Writing (tests and the benchmark)
+# --------------------------------------------------------------------------------------------
+
+# Types numpy (gguf.quants.quantize) can produce.
+WRITABLE_TYPES = frozenset(
+    {
+        GGMLQuantizationType.F32,
+        GGMLQuantizationType.F16,
+        GGMLQuantizationType.BF16,
+        GGMLQuantizationType.Q4_0,
+        GGMLQuantizationType.Q4_1,
+        GGMLQuantizationType.Q5_0,
+        GGMLQuantizationType.Q5_1,
+        GGMLQuantizationType.Q8_0,
+    }
+)
+
+_KEEP_F32_NAMES = ("modulation", "patch_embedding")
+_KEEP_F16_NAMES = ("norm", "embedding")
+
+QTypePolicy = Mapping[str, GGMLQuantizationType] | Callable[[str, torch.Tensor], GGMLQuantizationType]
+
+
+def _storage_type(name: str, tensor: torch.Tensor, requested: GGMLQuantizationType) -> GGMLQuantizationType:
+    """Keep the tensors real WAN GGUF files keep unquantized in F32/F16."""
+    if not is_quantized(requested):
+        return requested
+    if tensor.dim() <= 1 or any(k in name for k in _KEEP_F32_NAMES):
+        return GGMLQuantizationType.F32
+    if any(k in name for k in _KEEP_F16_NAMES):
+        return GGMLQuantizationType.F16
+    block_size = gguf.GGML_QUANT_SIZES[requested][0]
+    if tensor.shape[-1] % block_size != 0:
+        logger.debug("[BlockSwap] %s: last dim not a multiple of %d, written as F16", name, block_size)
+        return GGMLQuantizationType.F16
+    return requested
+
+
+def _file_type(type_counts: Counter) -> int | None:
+    quantized = [t for t, _ in type_counts.most_common() if is_quantized(t)]
+    main = quantized[0] if quantized else (type_counts.most_common(1)[0][0] if type_counts else None)
+    if main is None:
+        return None
+    for candidate in ("ALL_" + main.name, "MOSTLY_" + main.name, "MOSTLY_" + main.name + "_M"):
+        if candidate in gguf.LlamaFileType.__members__:
+            return int(gguf.LlamaFileType[candidate])
+    return None
+
+
+def _add_metadata(writer: gguf.GGUFWriter, key: str, value: object) -> None:
+    if isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        if value < 0:
+            writer.add_int32(key, value)
+        else:
+            writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
+    else:
+        raise TypeError(f"unsupported metadata value for {key}: {type(value).__name__}")
+
+
+def write_gguf_for_tests(
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, torch.Tensor],
+    qtypes: QTypePolicy,
+    *,
+    arch: str = WAN_ARCHITECTURE,
+    metadata: Mapping[str, object] | None = None,
+) -> dict[str, GGMLQuantizationType]:
+    """Write ``state_dict`` as a GGUF file laid out like a real WAN GGUF; return each tensor's type.
+
+    ``qtypes`` maps names to the wanted type (missing names: F16) or is ``f(name, tensor)``.
+    Quantized types apply to weights only: 1-D tensors, modulation and patch_embedding are
+    written as F32, other norms/embeddings as F16, and a tensor whose last dim does not fit the
+    block size falls back to F16. Types numpy cannot quantize (K-quants, ...) are written by
+    passing a :class:`GGUFWeight` with hand-built bytes; its type and bytes are written as they are.
+    Tensors of more than 4 dims are stored as 4-D with a ``comfy.gguf.orig_shape.<name>`` field.
+    """
+    writer = gguf.GGUFWriter(os.fspath(path), arch)
+    written: dict[str, GGMLQuantizationType] = {}
+    type_counts: Counter = Counter()
+    try:
+        for name, tensor in state_dict.items():
+            if isinstance(tensor, GGUFWeight):
+                qtype = tensor.tensor_type
+                shape = tensor.tensor_shape
+                data = tensor.as_subclass(torch.Tensor).detach().cpu().contiguous().numpy()
+            else:
+                shape = tensor.shape
+                wanted = (
+                    qtypes(name, tensor) if callable(qtypes) else qtypes.get(name, GGMLQuantizationType.F16)
+                )
+                qtype = _storage_type(name, tensor, GGMLQuantizationType(wanted))
+                if qtype not in WRITABLE_TYPES:
+                    raise ValueError(
+                        f"{name}: numpy cannot quantize to {qtype.name}; pass a GGUFWeight with its bytes"
+                    )
+                data = gguf.quants.quantize(tensor.detach().to("cpu", torch.float32).numpy(), qtype)
+            stored = tuple(int(s) for s in shape)
+            if len(stored) > 4:
+                # GGUF holds at most 4 dims; like ComfyUI's converter, fold the leading ones.
+                writer.add_array(ORIG_SHAPE_KEY + name, list(stored))
+                stored = (math.prod(stored[:-3]), *stored[-3:])
+            if data.dtype == np.uint8:
+                # Byte arrays (quantized, BF16) need their type; the writer derives the shape from them.
+                data = data.reshape(gguf.quants.quant_shape_to_byte_shape(stored, qtype))
+                writer.add_tensor(name, data, raw_dtype=qtype)
+            else:
+                writer.add_tensor(name, data.reshape(stored))
+            written[name] = qtype
+            type_counts[qtype] += 1
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        file_type = _file_type(type_counts)
+        if file_type is not None:
+            writer.add_file_type(file_type)
+        for key, value in (metadata or {}).items():
+            _add_metadata(writer, key, value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return written
