@@ -4,7 +4,12 @@ ComfyUI imports this package from custom_nodes/. The node classes are imported o
 importable, so the engine and its tests run without ComfyUI.
 """
 
+import importlib.util
+
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+
+if importlib.util.find_spec("comfy") is not None:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -413,6 +413,7 @@ class BlockSwapEngine:
         self.last_run: RunStats | None = None
         self._run: _Run | None = None
         self._pinned_slabs: list[torch.Tensor] = []
+        self._described = False
         self._finalizer = weakref.finalize(self, _release_slabs, self._pinned_slabs)
 
     # -- validation ----------------------------------------------------------------------------
@@ -524,8 +525,10 @@ class BlockSwapEngine:
             self._teardown()
             raise
         if self.debug:
-            for line in self.describe():
-                log.info("[BlockSwap] %s", line)
+            if not self._described:
+                self._described = True
+                for line in self.describe():
+                    log.info("[BlockSwap] %s", line)
             if self.compute_device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.compute_device)
 
@@ -552,6 +555,22 @@ class BlockSwapEngine:
         _release_slabs(self._pinned_slabs)
         for unit in self.order:
             unit.slab_pinned = False
+
+    def park(self) -> None:
+        """Put every swapped unit into its host slab now (built on first use), without a run.
+
+        A host calls this at load time, so swapped units are in host RAM before anything could move
+        them to the device. Cheap when the slabs are current.
+        """
+        self._build_slabs()
+
+    def forget_slabs(self) -> None:
+        """Give up the slabs (another plan takes over the module): detach, unpin, and leave the memory
+        to the tensors that view it. The next attach or park builds fresh slabs from the tensors."""
+        self.release()
+        for unit in self.order:
+            unit.slab, unit.slab_views, unit.layout, unit.nbytes = None, [], [], 0
+            unit.home_device = None
 
     def _teardown(self) -> None:
         run, self._run = self._run, None

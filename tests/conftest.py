@@ -2,17 +2,29 @@
 
 The pack's modules use relative imports (as every ComfyUI custom node must), so the tests load the
 repository root as the package `wan22_blockswap`, the same way ComfyUI loads it from custom_nodes/.
+
+Host tests (tests/host/host_*.py) run in a child process per ComfyUI checkout, which sets
+WAN22_COMFYUI to that checkout: it goes on sys.path, in CPU mode, before the package is imported.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "wan22_blockswap"
+
+_host = os.environ.get("WAN22_COMFYUI")
+if _host:
+    sys.path.insert(0, _host)
+    import comfy.cli_args
+
+    # Before comfy.model_management is imported: CPU mode unless the child was asked for the GPU.
+    comfy.cli_args.args.cpu = os.environ.get("WAN22_COMFYUI_GPU") != "1"
 
 
 def _load_package():

@@ -50,7 +50,10 @@ def test_cuda_swapped_output_equals_unswapped(model, prefetch, non_blocking):
         with engine.attached(), torch.inference_mode():
             for _ in range(3):
                 assert torch.equal(model(**inputs), reference)
-    assert engine.counters.misses == (engine.counters.unit_runs if prefetch == 0 else 0)
+    c = engine.counters
+    # A VACE block runs once per VACE context: the second run finds it still in its slot.
+    assert c.misses + c.slot_hits == c.unit_runs - (c.copies - c.misses)
+    assert c.misses == (c.copies if prefetch == 0 else 0)
     assert engine.last_run.copy_ms > 0
     engine.release()
 
@@ -110,8 +113,9 @@ def test_cuda_peak_vram_stays_within_resident_plus_slots_plus_activations(model)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     bound = non_unit + engine.resident_bytes() + engine.slot_bytes() + activations
-    # The caching allocator rounds each resident tensor up to 512 bytes.
-    slack = 512 * sum(len(list(u.tensors())) for u in engine.resident_units)
+    # The caching allocator rounds each resident tensor up to 512 bytes; library workspaces (cuBLAS,
+    # SDPA) may differ by a little between the two runs (measured: 1.1 MiB on an H200).
+    slack = 512 * sum(len(list(u.tensors())) for u in engine.resident_units) + 4 * 2**20
     assert peak <= bound + slack, (peak, bound)
     assert peak < non_unit + resident_all.resident_bytes() + activations  # and it does save memory
     engine.release()

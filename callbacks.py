@@ -1,0 +1,342 @@
+"""ComfyUI integration: a patcher class that keeps swapped blocks out of ComfyUI's loader, truthful
+memory accounting, and per-run hooks (ON_PRE_RUN attaches the engine, ON_CLEANUP detaches it).
+
+Why a patcher subclass: ComfyUI's `load()` moves every module it lists to the GPU (or, on a full
+load, the whole model with `.to()`), which would put swapped blocks in VRAM before our hooks ever
+run. The subclass hides swapped modules from `_load_list()`, never lets the parent do a full load,
+and reports sizes that count the swap slots instead of the swapped weights, so `load_models_gpu`,
+`free_memory` and `partially_unload` keep working with true numbers.
+
+Why per-run hooks: the nn.Module is shared by every clone of a patcher. Hooks installed at node time
+would fire for an unswapped clone too. ON_PRE_RUN fires after ComfyUI placed the weights, ON_CLEANUP
+in the sampler's `finally`, also after an exception or an interrupt.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import weakref
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import torch
+
+from .block_manager import BlockSwapEngine
+from .config import SwapConfig
+from .utils import format_bytes
+from .wan_units import WanSwapChoice, plan_wan_swap
+
+log = logging.getLogger(__name__)
+
+ATTACHMENT_KEY = "wan22_blockswap"
+CALLBACK_KEY = "wan22_blockswap"
+_OWNER_ATTR = "_wan22_blockswap_owner"  # on the diffusion model: weakref to the plan whose slabs it uses
+
+
+def is_dynamic(patcher) -> bool:
+    """ComfyUI 0.16+ dynamic VRAM: the patcher already streams weights per layer on demand."""
+    check = getattr(patcher, "is_dynamic", None)
+    return bool(callable(check) and check())
+
+
+def is_quantized_param(t: torch.Tensor) -> bool:
+    """GGUF weights (ComfyUI-GGUF's GGMLTensor, our GGUFWeight): quant type + LoRA list on the tensor."""
+    return hasattr(t, "tensor_type") and hasattr(t, "patches")
+
+
+class SwapPlan:
+    """One BlockSwap node's decision for one model, shared by all clones of the node's output.
+
+    Owns the engine (and through it the host slabs). Created at node time; slabs are built at the
+    first load, slots and hooks exist only during sampling runs.
+    """
+
+    def __init__(
+        self,
+        diffusion_model: torch.nn.Module,
+        config: SwapConfig,
+        choice: WanSwapChoice,
+        load_device: torch.device,
+        offload_device: torch.device,
+    ):
+        self.config = config
+        self.choice = choice
+        self.diffusion_model = diffusion_model
+        self.engine = BlockSwapEngine(
+            choice.units,
+            choice.swap,
+            compute_device=load_device,
+            offload_device=offload_device,
+            prefetch_blocks=config.prefetch_blocks,
+            use_non_blocking=config.use_non_blocking,
+            debug=config.block_swap_debug,
+            move_resident=False,  # ComfyUI's own load() places resident blocks
+        )
+        swapped = self.engine.swapped_units
+        self.swapped_module_ids = {id(m) for unit in swapped for m in unit.module.modules()}
+        # ComfyUI's weight key of every swapped tensor -> (owning module, attribute name).
+        self.keyed_tensors: dict[str, tuple[torch.nn.Module, str]] = {}
+        for unit in swapped:
+            for name, module in unit.module.named_modules():
+                prefix = f"diffusion_model.{unit.name}.{name + '.' if name else ''}"
+                for attr, _ in module.named_parameters(recurse=False):
+                    self.keyed_tensors[prefix + attr] = (module, attr)
+        self.swapped_bytes = self.engine.swapped_bytes()
+        self.slot_bytes = self.engine.slot_bytes()
+        self._patcher_ref = None  # the patcher whose run is active / last loaded (for LoRA patches)
+        self._functions_set: list[tuple[torch.nn.Module, str]] = []
+        self._logged_plan = False
+
+    # -- ownership of the shared module ------------------------------------------------------
+
+    def take_module(self) -> None:
+        """Make this plan's slabs the home of the swapped tensors (another plan's are given up)."""
+        owner_ref = self.diffusion_model.__dict__.get(_OWNER_ATTR)
+        owner = owner_ref() if owner_ref is not None else None
+        if owner is not None and owner is not self:
+            owner.engine.forget_slabs()
+        self.diffusion_model.__dict__[_OWNER_ATTR] = weakref.ref(self)
+
+    def prepare_load(self, patcher) -> None:
+        """Called by the patcher's load(): swapped units go (or stay) in host RAM, never to the GPU."""
+        self._patcher_ref = weakref.ref(patcher)
+        pinned = getattr(patcher, "pinned", None)
+        if pinned:
+            # ComfyUI (0.3.69+) pins offloaded weights in place and unpins them by key later; a weight
+            # we are about to re-home must be unpinned by ComfyUI first, or it warns at unpin time.
+            for key in self.keyed_tensors.keys() & set(pinned):
+                patcher.unpin_weight(key)
+        self._restore_original_weights(patcher)
+        self.take_module()
+        self.engine.park()
+
+    def _restore_original_weights(self, patcher) -> None:
+        """Swapped weights that a ComfyUI load fused a LoRA into go back to their originals first.
+
+        The slabs must hold pristine weights: every clone shares them, and this plan applies LoRA
+        per run. ComfyUI keeps the originals in the patcher's `backup` (shared by clones) until it
+        unpatches; we restore just the swapped keys, the same way it does.
+        """
+        import comfy.utils
+
+        backup = getattr(patcher, "backup", None)
+        for key in self.keyed_tensors.keys() & set(backup or ()):
+            saved = backup.pop(key)
+            if saved.inplace_update:
+                comfy.utils.copy_to_param(patcher.model, key, saved.weight)
+            else:
+                comfy.utils.set_attr_param(patcher.model, key, saved.weight)
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def begin_run(self, patcher) -> None:
+        if self.engine.is_attached:
+            return
+        self._patcher_ref = weakref.ref(patcher)
+        self.take_module()
+        self._install_lora(patcher)
+        if self.config.block_swap_debug and not self._logged_plan:
+            self._logged_plan = True
+            if any(is_quantized_param(t) for unit in self.engine.swapped_units for *_, t in unit.tensors()):
+                log.info("[BlockSwap] GGUF model detected: swapped blocks move as quantized bytes")
+        try:
+            self.engine.attach()
+        except BaseException:
+            self._remove_lora()
+            raise
+
+    def end_run(self) -> None:
+        try:
+            self.engine.detach()
+        finally:
+            self._remove_lora()
+
+    # -- LoRA on swapped units -----------------------------------------------------------------
+    # ComfyUI fuses LoRA into the weights it loads and applies it per forward (LowVramPatch) to the
+    # layers it offloads. Swapped layers are hidden from it, so we attach the same per-forward
+    # patch functions for the run; the slabs stay pristine for every other clone. Like ComfyUI, we
+    # leave patches on parameters of non-leaf modules (a block's modulation) unapplied: its loader
+    # never applies them either, so outputs match the unswapped model.
+
+    def _install_lora(self, patcher) -> None:
+        patches = patcher.patches
+        for key, (module, attr) in self.keyed_tensors.items():
+            if key not in patches:
+                continue
+            tensor = getattr(module, attr)
+            if is_quantized_param(tensor):
+                tensor.patches = [(patches[key], key)]  # GGUF layers apply these after dequantizing
+                self._functions_set.append((module, attr))
+            elif attr in ("weight", "bias") and hasattr(module, f"{attr}_function"):
+                setattr(module, f"{attr}_function", [comfy.model_patcher.LowVramPatch(key, patches)])
+                self._functions_set.append((module, attr))
+
+    def _remove_lora(self) -> None:
+        for module, attr in self._functions_set:
+            tensor = getattr(module, attr)
+            if is_quantized_param(tensor):
+                tensor.patches = []
+            else:
+                setattr(module, f"{attr}_function", [])
+        self._functions_set = []
+
+
+def plan_of(patcher) -> SwapPlan | None:
+    attachments = getattr(patcher, "attachments", None) or {}
+    return attachments.get(ATTACHMENT_KEY)
+
+
+class BlockSwapPatcherMixin:
+    """Mixed in front of ComfyUI's ModelPatcher (or ComfyUI-GGUF's GGUFModelPatcher)."""
+
+    def clone(self, *args, **kwargs):
+        n = super().clone(*args, **kwargs)
+        # ComfyUI-GGUF's clone() forces its own class; keep ours. ComfyUI passes model_size() (our
+        # reduced figure) into the clone: restore the raw size our model_size() starts from.
+        n.__class__ = self.__class__
+        if getattr(self, "size", 0) and getattr(n, "size", 0):
+            n.size = self.size
+        return n
+
+    def model_size(self):
+        size = super().model_size()
+        plan = plan_of(self)
+        return size - plan.swapped_bytes + plan.slot_bytes if plan is not None else size
+
+    def _load_list(self, *args, **kwargs):
+        entries = super()._load_list(*args, **kwargs)
+        plan = plan_of(self)
+        if plan is None:
+            return entries
+        # Entry layout changed across versions, but the module is always second to last.
+        return [e for e in entries if id(e[-2]) not in plan.swapped_module_ids]
+
+    def load(
+        self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kwargs
+    ):
+        plan = plan_of(self)
+        if plan is None:
+            return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load, **kwargs)
+        plan.prepare_load(self)
+        if full_load or lowvram_model_memory == 0:
+            budget = 1e32  # "load everything" - of what the load list still holds
+        else:
+            budget = max(lowvram_model_memory - plan.slot_bytes, 0.1)
+        if hasattr(self, "mmap_released"):
+            # ComfyUI-GGUF's first lowvram load bounces every CPU module through the GPU to copy it out
+            # of the file mapping. Swapped units were already copied into our slabs by park().
+            self.mmap_released = True
+        # full_load=False: the parent's full load ends with model.to(device), which would move the
+        # swapped blocks to the GPU.
+        result = super().load(device_to, budget, force_patch_weights, False, **kwargs)
+        # Count the run's slots as loaded, so ComfyUI keeps room for them (e.g. for the VAE decode).
+        self.model.model_loaded_weight_memory += plan.slot_bytes
+        return result
+
+
+_PATCHER_CLASSES: dict[type, type] = {}
+
+
+def swap_patcher_class(base: type) -> type:
+    if issubclass(base, BlockSwapPatcherMixin):
+        return base
+    cls = _PATCHER_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"BlockSwap{base.__name__}", (BlockSwapPatcherMixin, base), {})
+        _PATCHER_CLASSES[base] = cls
+    return cls
+
+
+# -- callbacks (module-level functions: clones copy them by reference) -------------------------
+
+
+def _on_pre_run(patcher) -> None:
+    plan = plan_of(patcher)
+    if plan is not None:
+        plan.begin_run(patcher)
+
+
+def _on_cleanup(patcher) -> None:
+    plan = plan_of(patcher)
+    if plan is not None:
+        plan.end_run()
+
+
+def _diffusion_model_wrapper(executor, *args, **kwargs):
+    """Safety net for callers that run the model without ComfyUI's sampler (no ON_PRE_RUN)."""
+    owner_ref = getattr(executor.class_obj, "__dict__", {}).get(_OWNER_ATTR)
+    plan = owner_ref() if owner_ref is not None else None
+    if plan is None or plan.engine.is_attached or plan._patcher_ref is None or plan._patcher_ref() is None:
+        return executor(*args, **kwargs)
+    plan.begin_run(plan._patcher_ref())
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        plan.end_run()
+
+
+def apply_block_swap(model, config: SwapConfig):
+    """The node's work: a clone of `model` that streams the configured blocks. `model` is unchanged."""
+    from .wan_units import is_wan_model, vace_blocks
+
+    if is_dynamic(model):
+        if not config.override_dynamic_vram:
+            log.info(
+                "[BlockSwap] This ComfyUI streams weights itself (dynamic VRAM): leaving the model to it. "
+                "Set override_dynamic_vram to use block swapping instead."
+            )
+            return model
+        model = model.clone(disable_dynamic=True)
+    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not is_wan_model(diffusion_model):
+        got = type(diffusion_model).__name__ if diffusion_model is not None else type(model).__name__
+        raise ValueError(
+            f"WAN 2.2 BlockSwap needs a WAN 2.1/2.2 diffusion model (WanModel and its VACE, camera, S2V, "
+            f"HuMo, Animate variants); got {got}"
+        )
+    vace = vace_blocks(diffusion_model)
+    config = config.fitted_to(len(diffusion_model.blocks), len(vace) if vace is not None else 0)
+    choice = plan_wan_swap(
+        diffusion_model,
+        config.blocks_to_swap,
+        config.vace_blocks_to_swap,
+        config.offload_txt_emb,
+        config.offload_img_emb,
+    )
+    patched = model.clone()
+    patched.__class__ = swap_patcher_class(type(model))
+    patched.size = getattr(model, "size", 0)
+    # A weight-patch identity of its own: when the shared module was last loaded by another clone
+    # (fully, LoRA fused, swapped blocks on the GPU), ComfyUI then unpatches and reloads it through
+    # our load() instead of reusing that state.
+    patched.patches_uuid = uuid.uuid4()
+    plan = SwapPlan(diffusion_model, config, choice, patched.load_device, patched.offload_device)
+    patched.set_attachments(ATTACHMENT_KEY, plan)
+    patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, _on_pre_run)
+    patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, CALLBACK_KEY, _on_cleanup)
+    patched.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CALLBACK_KEY, _diffusion_model_wrapper
+    )
+    _log_setup(plan, config)
+    return patched
+
+
+def _log_setup(plan: SwapPlan, config: SwapConfig) -> None:
+    engine = plan.engine
+    log.info(
+        "[BlockSwap] %d of %d blocks swapped (%s in CPU RAM), %d slot(s) of VRAM (%s), prefetch %d",
+        config.blocks_to_swap,
+        len(plan.diffusion_model.blocks),
+        format_bytes(plan.swapped_bytes),
+        engine.num_slots(),
+        format_bytes(plan.slot_bytes),
+        config.prefetch_blocks,
+    )
+    if plan.swapped_bytes and not config.overlaps_copies and engine.compute_device.type == "cuda":
+        log.info(
+            "[BlockSwap] prefetch_blocks=%d, use_non_blocking=%s: copies wait for compute. "
+            "prefetch_blocks=1 with use_non_blocking=True overlaps them (uses pinned RAM).",
+            config.prefetch_blocks,
+            config.use_non_blocking,
+        )

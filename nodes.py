@@ -1,0 +1,124 @@
+"""The pack's ComfyUI nodes. Thin: validate inputs, call into callbacks.py."""
+
+from __future__ import annotations
+
+from .callbacks import apply_block_swap
+from .config import MAX_BLOCKS, MAX_PREFETCH, MAX_VACE_BLOCKS, SwapConfig
+
+CATEGORY = "ComfyUI_Wan22Blockswap"
+
+
+def swap_inputs() -> dict[str, dict]:
+    """The swap settings shared by every BlockSwap node, with tooltips (sizes from WAN's shapes)."""
+    d = SwapConfig()
+    return {
+        "required": {
+            "blocks_to_swap": (
+                "INT",
+                {
+                    "default": d.blocks_to_swap,
+                    "min": 0,
+                    "max": MAX_BLOCKS,
+                    "step": 1,
+                    "tooltip": "Transformer blocks kept in CPU RAM and streamed to the GPU when they run (the last "
+                    "N blocks). Each saves one block of VRAM: about 700 MB for 14B in bf16 (350 MB in fp8), 330 "
+                    "MB for 5B, 93 MB for 1.3B. Larger than the model's block count means all blocks (with a warning).",
+                },
+            ),
+            "offload_txt_emb": (
+                "BOOLEAN",
+                {
+                    "default": d.offload_txt_emb,
+                    "tooltip": "Also stream the text embedding from CPU RAM: saves about 94 MB for 14B "
+                    "(bf16), 17 MB for 1.3B. It runs once per step.",
+                },
+            ),
+            "offload_img_emb": (
+                "BOOLEAN",
+                {
+                    "default": d.offload_img_emb,
+                    "tooltip": "Also stream the CLIP image embedding of i2v models from CPU RAM: saves about "
+                    "16 MB for 14B (bf16). Ignored for models without one.",
+                },
+            ),
+        },
+        "optional": {
+            "use_non_blocking": (
+                "BOOLEAN",
+                {
+                    "default": d.use_non_blocking,
+                    "tooltip": "Pin the swapped blocks in RAM (page-locked, up to 45% of RAM; beyond that "
+                    "ordinary RAM with a warning) and copy them asynchronously. Needed, with prefetch_blocks >= 1, "
+                    "for copies to run while other blocks compute.",
+                },
+            ),
+            "vace_blocks_to_swap": (
+                "INT",
+                {
+                    "default": d.vace_blocks_to_swap,
+                    "min": 0,
+                    "max": MAX_VACE_BLOCKS,
+                    "step": 1,
+                    "tooltip": "VACE blocks kept in CPU RAM (VACE models only). 0 = auto: the same share of "
+                    "VACE blocks as blocks_to_swap is of the main blocks.",
+                },
+            ),
+            "prefetch_blocks": (
+                "INT",
+                {
+                    "default": d.prefetch_blocks,
+                    "min": 0,
+                    "max": MAX_PREFETCH,
+                    "step": 1,
+                    "tooltip": "How many swapped blocks are copied ahead of the one running. 0 = copy each "
+                    "block when it starts (no overlap). N uses N+1 block-sized VRAM slots.",
+                },
+            ),
+            "block_swap_debug": (
+                "BOOLEAN",
+                {
+                    "default": d.block_swap_debug,
+                    "tooltip": "Log the swap plan and, after each sampling run, bytes moved, copy bandwidth, "
+                    "time compute waited for copies, and peak VRAM.",
+                },
+            ),
+        },
+    }
+
+
+class WAN22BlockSwap:
+    DESCRIPTION = (
+        "Keeps the chosen WAN transformer blocks in CPU RAM and streams each one to the GPU just before it "
+        "runs, through a few preallocated VRAM slots. Swapped blocks never enter VRAM at load time, and "
+        "ComfyUI's memory manager sees the true VRAM use. Returns a clone: the input model is unchanged."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with block swapping applied while it samples.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = swap_inputs()
+        inputs["required"] = {
+            "model": ("MODEL", {"tooltip": "A WAN 2.1/2.2 model from any loader (safetensors, fp8, GGUF)."}),
+            **inputs["required"],
+        }
+        inputs["optional"]["override_dynamic_vram"] = (
+            "BOOLEAN",
+            {
+                "default": False,
+                "tooltip": "ComfyUI 0.16+ with dynamic VRAM already streams weights per layer; by default this "
+                "node then leaves the model to ComfyUI and says so in the log. Turn on to use block swapping "
+                "instead (the model is reloaded without dynamic VRAM).",
+            },
+        )
+        return inputs
+
+    def apply(self, model, **settings):
+        return (apply_block_swap(model, SwapConfig(**settings)),)
+
+
+NODE_CLASS_MAPPINGS = {"WAN22BlockSwap": WAN22BlockSwap}
+NODE_DISPLAY_NAME_MAPPINGS = {"WAN22BlockSwap": "WAN 2.2 BlockSwap"}
