@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run ComfyUI's own offloading at the same VRAM budget (needs ComfyUI importable)",
     )
+    p.add_argument(
+        "--comfyui-path",
+        default=None,
+        help="ComfyUI folder for --compare-native (default: first entry of $COMFYUI_PATH)",
+    )
     return p
 
 
@@ -597,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 doc["results"].append(compare(row, base, workload.model_path))
     if args.compare_native:
-        doc["native_comparison"] = run_native_comparison(model, workload, doc, pkg)
+        doc["native_comparison"] = run_native_comparison(model, workload, args)
     progress.close()
 
     Path(args.output).write_text(json.dumps(doc, indent=2))
@@ -606,23 +611,53 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(summary_header(doc))
         print(format_table(doc))
+        if "native_comparison" in doc:
+            print(format_native(doc["native_comparison"]))
         print(f"Results written to {args.output}")
     return 0
 
 
-def run_native_comparison(model, workload: Workload, doc, pkg) -> dict[str, object]:
+def run_native_comparison(model, workload: Workload, args) -> dict[str, object]:
     """ComfyUI's own offloading at the same VRAM budget, when ComfyUI is importable."""
+    import os
+
+    path = args.comfyui_path or next(
+        (p for p in os.environ.get("COMFYUI_PATH", "").split(os.pathsep) if p), None
+    )
+    if path and path not in sys.path:
+        sys.path.insert(0, path)
     try:
+        import comfy.cli_args
+
+        if workload.device.type == "cpu":
+            comfy.cli_args.args.cpu = True  # must be set before comfy.model_management is imported
         import comfy.model_management  # noqa: F401
-    except ImportError:
+    except ImportError as e:
         message = (
-            "ComfyUI is not importable, so --compare-native was skipped. Run from a ComfyUI environment "
-            "(put the ComfyUI folder on PYTHONPATH)."
+            f"ComfyUI is not importable ({e}), so --compare-native was skipped. Pass --comfyui-path "
+            "(or set COMFYUI_PATH) and run with ComfyUI's requirements installed."
         )
         print(message, file=sys.stderr)
         return {"skipped": message}
     native = importlib.import_module(f"{PACKAGE}.native_benchmark")
-    return native.run(model, workload, doc)
+    return native.run(model, workload)
+
+
+def format_native(native: dict[str, object]) -> str:
+    if "rows" not in native:
+        return native.get("skipped", "")
+    lines = [
+        f"ComfyUI {native['comfyui_version']} native offloading at the same weight VRAM budget "
+        f"({native['device']}):",
+        "tokens  blocks  budget MB  ours s/step  native s/step  ours/native  ours peak MB  native peak MB",
+    ]
+    for r in native["rows"]:
+        lines.append(
+            f"{r['tokens']:>6}  {r['blocks_swapped']:>6}  {_cell(r['weight_budget_mb']):>9}  "
+            f"{r['blockswap_step_s']:>11}  {r['native_step_s']:>13}  {r['blockswap_vs_native']:>11}  "
+            f"{_cell(r['blockswap_peak_mb']):>12}  {_cell(r['native_peak_mb']):>14}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

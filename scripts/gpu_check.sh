@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, in one go (about 5 minutes on an H100/H200): CUDA tests, host tests against the
-# ComfyUI checkouts under .hosts/ (if any), and the 14B-shaped benchmark. Prints a short table.
+# The GPU check, in one go (about 5 minutes on an H100/H200): CUDA engine tests, host tests against
+# the ComfyUI checkout(s) under .hosts/ on the GPU, and the 14B-shaped benchmark with ComfyUI's own
+# offloading for comparison. Prints short tables; logs and JSON go to OUTDIR.
 #   bash scripts/gpu_check.sh [OUTDIR]      (OUTDIR defaults to $OUT, else /tmp/gpu_check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-# Wheels for packages the GPU image lacks (gguf), carried in .whl/.
+# Wheels for packages the GPU image lacks (gguf; torchsde, trampoline, av for ComfyUI), in .whl/.
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -17,17 +18,17 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current \
   --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 
-echo "== CUDA tests"
-timeout 240 $PY -m pytest tests/cuda -q -rs -p no:cacheprovider 2>&1 | tee "$OUTDIR/cuda_tests.log" | tail -25
+echo "== CUDA engine tests"
+timeout 120 $PY -m pytest tests/cuda -q -rs -p no:cacheprovider 2>&1 | tee "$OUTDIR/cuda_tests.log" | tail -5
 
-if compgen -G ".hosts/*/comfy" >/dev/null; then
-  hosts=$(ls -d .hosts/*/ | grep -v ComfyUI-GGUF | sed 's:/$::' | paste -sd: -)
-  echo "== host tests on the GPU ($hosts)"
-  COMFYUI_PATH=$hosts timeout 240 $PY -m pytest tests/host -q -rs -p no:cacheprovider -x 2>&1 \
-    | tee "$OUTDIR/host_tests.log" | tail -25
+HOST=$(ls -d .hosts/*/ 2>/dev/null | grep -v GGUF | head -1 | sed 's:/$::')
+if [ -n "$HOST" ]; then
+  echo "== host tests on the GPU ($HOST)"
+  WAN22_COMFYUI=$PWD/$HOST WAN22_COMFYUI_GPU=1 timeout 200 $PY -m pytest tests/host -q -rs -p no:cacheprovider \
+    -o "python_files=host_cuda.py host_blockswap.py" 2>&1 | tee "$OUTDIR/host_tests.log" | tail -15
 fi
 
-echo "== benchmark: 14B block shapes, every block swapped"
-timeout ${BENCH_TIMEOUT:-300} $PY test_performance.py --preset 14b --tokens 32760,1560 --blocks-to-swap 40 \
-  --prefetch 1 2 --non-blocking --steps 3 ${BENCH_ARGS:-} --output "$OUTDIR/bench_14b.json" 2>&1 \
-  | tee "$OUTDIR/bench.log"
+echo "== benchmark: 14B block shapes (20 blocks), sweep of swapped blocks, ComfyUI native offloading"
+timeout ${BENCH_TIMEOUT:-240} $PY test_performance.py --preset 14b --layers 20 --tokens 32760,1560 --test-all \
+  --prefetch 1 --non-blocking --steps 3 ${HOST:+--compare-native --comfyui-path $PWD/$HOST} \
+  --output "$OUTDIR/bench_14b.json" 2>&1 | tee "$OUTDIR/bench.log"

@@ -49,7 +49,9 @@ def _trigger_keys(variant: str, dim: int, g: torch.Generator) -> dict[str, torch
     return {}
 
 
-def checkpoint_state_dict(variant: str, num_layers: int = 4, dim: int = 128, seed: int = 0) -> dict:
+def checkpoint_state_dict(
+    variant: str, num_layers: int = 4, dim: int = 128, seed: int = 0, ffn_dim: int | None = None
+) -> dict:
     base, shape_changes = SYNTHETIC[variant]
     if variant == "animate":
         num_layers = max(num_layers, 5)  # its face adapter has num_layers // 5 fuser blocks

@@ -1,0 +1,89 @@
+"""BlockSwap inside a real ComfyUI on a CUDA GPU: no VRAM spike at load, stable memory over runs,
+cooperation with ComfyUI's pinned memory. Run with WAN22_COMFYUI_GPU=1 (scripts/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management as mm
+import pytest
+import torch
+
+from wan22_blockswap import nodes, utils
+
+from .comfy_helpers import load, plan, sample, write_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    mm.get_torch_device().type != "cuda", reason="needs ComfyUI running on a CUDA GPU (WAN22_COMFYUI_GPU=1)"
+)
+DEVICE = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # 1.3B block shapes (dim 1536, ffn 8960), 8 blocks: blocks of ~90 MB in bf16.
+    return write_checkpoint(tmp_path_factory.mktemp("gpu"), "t2v", num_layers=8, dim=1536, ffn_dim=8960)
+
+
+def swap(model, **settings):
+    (out,) = nodes.WAN22BlockSwap().apply(model, **settings)
+    return out
+
+
+def gpu_sample(model, seed=0):
+    return sample(model, steps=2, seed=seed, frames=5, size=32).to(DEVICE)
+
+
+def test_load_never_puts_swapped_blocks_in_vram(checkpoint):
+    base = load(checkpoint, dtype=torch.bfloat16)
+    swapped = swap(base, blocks_to_swap=6, prefetch_blocks=1, use_non_blocking=True)
+    p = plan(swapped)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    mm.load_models_gpu([swapped])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    resident = swapped.loaded_size() - p.slot_bytes  # what ComfyUI put on the GPU
+    largest_block = max(u.param_bytes() for u in p.engine.swapped_units)
+    assert peak <= resident + largest_block, (peak, resident, largest_block)
+    for unit in p.engine.swapped_units:
+        assert all(t.device.type == "cpu" for *_, t in unit.tensors()), unit.name
+
+
+def test_gpu_output_equals_unswapped_and_memory_is_stable_over_runs(checkpoint, caplog):
+    base = load(checkpoint, dtype=torch.bfloat16)
+    reference = gpu_sample(base)
+    swapped = swap(base, blocks_to_swap=6, prefetch_blocks=1, use_non_blocking=True)
+    p = plan(swapped)
+    readings = []
+    with caplog.at_level(logging.WARNING):
+        for i in range(5):
+            out = gpu_sample(swapped)
+            assert torch.equal(out, reference), f"run {i}: max diff {(out - reference).abs().max()}"
+            torch.cuda.synchronize()
+            readings.append((torch.cuda.memory_allocated(), utils.process_rss()))
+    assert p.engine.pinned_bytes() == sum(u.slab.numel() for u in p.engine.swapped_units) > 0
+    (vram_1, rss_1), (vram_5, rss_5) = readings[0], readings[-1]
+    assert abs(vram_5 - vram_1) <= 0.01 * vram_1, readings
+    assert abs(rss_5 - rss_1) <= 0.01 * rss_1, readings
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "Tried to unpin" in m or "invalid argument" in m], messages
+
+
+def test_comfyui_lowvram_clone_and_swapped_clone_take_turns_without_pin_trouble(checkpoint, caplog):
+    base = load(checkpoint, dtype=torch.bfloat16)
+    reference = gpu_sample(base)
+    swapped = swap(base, blocks_to_swap=6, prefetch_blocks=1, use_non_blocking=True)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            assert torch.equal(gpu_sample(swapped), reference)
+            mm.unload_all_models()
+            # The plain clone, loaded by ComfyUI in lowvram mode (it pins what it offloads).
+            loaded = mm.LoadedModel(base)
+            loaded.model_load(lowvram_model_memory=200 * 2**20)
+            assert base.model.model_lowvram
+            base.detach()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "Tried to unpin" in m or "invalid argument" in m], messages
+    assert torch.equal(gpu_sample(base), reference)
