@@ -215,7 +215,11 @@ def test_lora_gives_the_same_output_with_and_without_block_swap(checkpoints, ord
     else:
         swapped = swap(base, blocks_to_swap=3, prefetch_blocks=1).clone()
         swapped.add_patches(patches, 1.0)
-    torch.testing.assert_close(sample(swapped), reference, rtol=1e-4, atol=1e-4)
+    # On a GPU ComfyUI fuses LoRA into fully loaded weights in fp16 (lora_compute_dtype), while its
+    # per-forward patch - which swapped layers use, like its own offloaded layers - computes in the
+    # weight's dtype; on the CPU both are fp32. Measured on an H200: max difference 0.02.
+    tol = 1e-4 if mm.get_torch_device().type == "cpu" else 5e-2
+    torch.testing.assert_close(sample(swapped), reference, rtol=tol, atol=tol)
     assert not torch.allclose(sample(base), reference, atol=1e-3)  # the LoRA really changes the output
     # Strength changes between runs take effect on swapped blocks too.
     weaker = swapped.clone()
@@ -223,7 +227,7 @@ def test_lora_gives_the_same_output_with_and_without_block_swap(checkpoints, ord
     weaker.add_patches(patches, 0.3)
     half = base.clone()
     half.add_patches(patches, 0.3)
-    torch.testing.assert_close(sample(weaker), sample(half), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sample(weaker), sample(half), rtol=tol, atol=tol)
     # And the plain model is untouched by all this.
     torch.testing.assert_close(sample(base), sample(load(checkpoints["t2v"])))
 
