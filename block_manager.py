@@ -409,6 +409,11 @@ class BlockSwapEngine:
         # Execution order of the swapped units, and each one's position in it (for prefetch).
         self.order: list[SwapUnit] = [u for u in self.units if u.swapped]
         self._position = {id(u): i for i, u in enumerate(self.order)}
+        # For each position: that unit and the ones prefetched behind it (wrapping into the next
+        # pass). Precomputed so the per-block hooks allocate nothing.
+        n, depth = len(self.order), min(prefetch_blocks, max(len(self.order) - 1, 0))
+        self._windows = [[self.order[(p + k) % n] for k in range(depth + 1)] for p in range(n)]
+        self._window_ids = [frozenset(id(u) for u in window) for window in self._windows]
         self.counters = SwapCounters()
         self.last_run: RunStats | None = None
         self._run: _Run | None = None
@@ -668,9 +673,8 @@ class BlockSwapEngine:
     def _prime(self) -> None:
         """Start copying the first units of the pass, so even the run's first unit need not wait."""
         if self.prefetch_blocks and self.order:
-            window = self._window(0)
-            for unit in window:
-                self._load(unit, protect=window)
+            for unit in self._windows[0]:
+                self._load(unit, keep=self._window_ids[0])
 
     def _make_pre_hook(self, unit: SwapUnit):
         @torch.compiler.disable()
@@ -696,7 +700,7 @@ class BlockSwapEngine:
         slot = run.slot_of.get(id(unit))
         if slot is None:
             counters.misses += 1
-            slot = self._load(unit, protect=self._window(position))
+            slot = self._load(unit, keep=self._window_ids[position])
         elif not slot.fresh:
             counters.slot_hits += 1
         run.transport.wait_copied(slot.index)
@@ -707,10 +711,9 @@ class BlockSwapEngine:
             if self.on_unit_loaded is not None:
                 self.on_unit_loaded(unit.name, unit.module)
         # Issue the copies for the next units now, so they run while this unit computes.
-        window = self._window(position)
-        for ahead in window[1:]:
+        for ahead in self._windows[position][1:]:
             if id(ahead) not in run.slot_of:
-                self._load(ahead, protect=window)
+                self._load(ahead, keep=self._window_ids[position])
 
     def _after_unit(self, unit: SwapUnit) -> None:
         run = self._run
@@ -722,15 +725,9 @@ class BlockSwapEngine:
         # read a slot that a later copy overwrites.
         self._bind(unit, unit.slab_views)
 
-    def _window(self, position: int) -> list[SwapUnit]:
-        """The unit at `position` and the ones that follow it (wrapping into the next pass)."""
-        n = len(self.order)
-        depth = min(self.prefetch_blocks, n - 1)
-        return [self.order[(position + k) % n] for k in range(depth + 1)]
-
-    def _load(self, unit: SwapUnit, protect: list[SwapUnit]) -> _Slot:
+    def _load(self, unit: SwapUnit, keep: frozenset[int]) -> _Slot:
+        """Copy `unit` into a free slot, or evict a unit that is neither running nor in `keep`."""
         run = self._run
-        keep = {id(u) for u in protect}
         slot = next((s for s in run.slots if s.unit is None), None)
         if slot is None:
             slot = next(s for s in run.slots if id(s.unit) not in keep and id(s.unit) not in run.bound)
