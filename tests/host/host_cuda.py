@@ -51,6 +51,26 @@ def test_load_never_puts_swapped_blocks_in_vram(checkpoint):
         assert all(t.device.type == "cpu" for *_, t in unit.tensors()), unit.name
 
 
+def test_peak_vram_while_sampling_is_resident_plus_slots_plus_activations(checkpoint):
+    base = load(checkpoint, dtype=torch.bfloat16)
+    gpu_sample(base)  # warm-up, then measure the unswapped run's activation peak
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    gpu_sample(base)
+    activations = torch.cuda.max_memory_allocated() - weights
+    mm.unload_all_models()
+    swapped = swap(base, blocks_to_swap=6, prefetch_blocks=1, use_non_blocking=True)
+    gpu_sample(swapped)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    gpu_sample(swapped)
+    peak = torch.cuda.max_memory_allocated()
+    # loaded_size() = what ComfyUI placed on the GPU plus the slots; 4 MiB for library workspaces.
+    assert peak <= swapped.loaded_size() + activations + 4 * 2**20, (peak, swapped.loaded_size(), activations)
+    assert peak < weights + activations  # and it saves memory
+
+
 def test_gpu_output_equals_unswapped_and_memory_is_stable_over_runs(checkpoint, caplog):
     base = load(checkpoint, dtype=torch.bfloat16)
     reference = gpu_sample(base)
