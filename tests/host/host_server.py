@@ -1,0 +1,651 @@
+"""The pack inside a real ComfyUI server of the checkout under test (WAN22_COMFYUI), over HTTP.
+
+One server per module: `main.py --cpu` listening on 127.0.0.1 only, on a free port, with a temporary
+base directory whose custom_nodes/ holds this repository (as the pack users install) and a test-only
+node package (tests/host/server_nodes: random WAN text conditioning, since WAN's text encoder has no
+test-size version), and whose models/diffusion_models/ holds a tiny WAN 2.1 t2v checkpoint.
+
+Checks: the node as the server lists it (/object_info); a prompt UNETLoader -> WAN 2.2 BlockSwap ->
+KSampler -> SaveLatent queued with /prompt, run to success and saved, with the same result as an
+unswapped sampling in this process; a clean server log; and example_workflows/*.json against the
+live server's node definitions.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import importlib.util
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import comfy.model_management
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .comfy_helpers import load, sample, write_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECKOUT = Path(os.environ["WAN22_COMFYUI"]).resolve()
+TEST_NODES = Path(__file__).resolve().parent / "server_nodes"
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+
+PACK_DIR = "ComfyUI-Wan22Blockswap"  # the folder name the pack gets in custom_nodes/
+TEST_NODES_DIR = "wan22_test_nodes"
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 120
+PROMPT_TIMEOUT_S = 120
+
+# Only loopback traffic: no proxy from the environment, whatever it says.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class Server:
+    def __init__(self, base: Path, port: int, log_path: Path):
+        self.base = base
+        self.port = port
+        self.log_path = log_path
+        self.url = f"http://{HOST}:{port}"
+        self.proc: subprocess.Popen | None = None
+        self.start_seconds = math.nan
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+
+    def tail(self, chars: int = 6000) -> str:
+        return f"\n--- ComfyUI server log (tail) ---\n{self.log()[-chars:]}"
+
+    def request(self, path: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, object]:
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with _OPENER.open(req, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            body = err.read().decode(errors="replace")
+            try:
+                return err.code, json.loads(body)
+            except ValueError:
+                return err.code, body
+
+    def get(self, path: str) -> object:
+        status, body = self.request(path)
+        assert status == 200, f"GET {path}: HTTP {status}: {body}{self.tail()}"
+        return body
+
+
+def _die_with_parent() -> None:
+    """Runs in the server process before exec (Linux): SIGTERM it if this test process dies first."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _install(base: Path) -> None:
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir(parents=True)
+    (custom_nodes / PACK_DIR).symlink_to(ROOT, target_is_directory=True)
+    (custom_nodes / TEST_NODES_DIR).symlink_to(TEST_NODES, target_is_directory=True)
+    for folder in ("user", "input", "output", "temp", "models/diffusion_models"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    write_checkpoint(base / "models" / "diffusion_models", "t2v")  # tiny_wan_t2v.safetensors
+
+
+def _templates_shim(root: Path) -> Path | None:
+    """A stand-in workflow-templates package for ComfyUI versions that cannot start without its folder.
+
+    ComfyUI 0.3.64 (and others of its time) serves `<comfyui_workflow_templates>/templates` and stops at
+    startup when that folder is missing; the template packages that newer ComfyUI versions need (one
+    venv serves every checkout here) no longer have it. The shim, first on the server's PYTHONPATH, has
+    an empty one.
+    """
+    frontend_management = CHECKOUT / "app" / "frontend_management.py"
+    if not frontend_management.is_file() or '/ "templates"' not in frontend_management.read_text():
+        return None
+    spec = importlib.util.find_spec("comfyui_workflow_templates")
+    if spec is None or spec.origin is None or (Path(spec.origin).parent / "templates").is_dir():
+        return None
+    shim = root / "shim"
+    (shim / "comfyui_workflow_templates" / "templates").mkdir(parents=True)
+    (shim / "comfyui_workflow_templates" / "__init__.py").write_text("")
+    return shim
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfy_server")
+    base, frontend = root / "base", root / "frontend"
+    frontend.mkdir()
+    _install(base)
+    srv = Server(base, _free_port(), root / "server.log")
+    cmd = [
+        sys.executable,
+        str(CHECKOUT / "main.py"),
+        "--cpu",
+        "--listen",
+        HOST,
+        "--port",
+        str(srv.port),
+        "--base-directory",
+        str(base),
+        "--front-end-root",
+        str(frontend),  # empty: nothing fetched, no UI needed
+        "--database-url",
+        f"sqlite:///{base / 'user' / 'comfyui.db'}",  # default is inside the checkout
+        "--disable-auto-launch",
+        "--disable-api-nodes",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("WAN22_COMFYUI", None)
+    shim = _templates_shim(root)
+    if shim is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
+    with open(srv.log_path, "wb") as log:
+        started = time.monotonic()
+        srv.proc = subprocess.Popen(
+            cmd,
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+    try:
+        deadline = started + START_TIMEOUT_S
+        while True:
+            if srv.proc.poll() is not None:
+                pytest.fail(f"ComfyUI server exited with code {srv.proc.returncode}{srv.tail()}")
+            try:
+                with _OPENER.open(f"{srv.url}/object_info/KSampler", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI server not answering after {START_TIMEOUT_S} s{srv.tail()}")
+            time.sleep(0.25)
+        srv.start_seconds = time.monotonic() - started
+        print(f"\nComfyUI {CHECKOUT.name} server up in {srv.start_seconds:.1f} s on {srv.url}")
+        yield srv
+    finally:
+        srv.proc.terminate()
+        try:
+            srv.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+# --- (a) the node as the server lists it ----------------------------------------------------------
+
+EXPECTED_INPUTS = {
+    "required": {
+        "model": ("MODEL", None),
+        "blocks_to_swap": ("INT", 20),
+        "offload_txt_emb": ("BOOLEAN", False),
+        "offload_img_emb": ("BOOLEAN", False),
+    },
+    "optional": {
+        "use_non_blocking": ("BOOLEAN", False),
+        "vace_blocks_to_swap": ("INT", 0),
+        "prefetch_blocks": ("INT", 0),
+        "block_swap_debug": ("BOOLEAN", False),
+        "override_dynamic_vram": ("BOOLEAN", False),
+    },
+}
+
+
+def _listening_addresses(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net shows them) of the sockets listening on `port` (Linux)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.isfile(table):
+            continue
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.rpartition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.append(address)
+    return found
+
+
+def test_server_listens_on_loopback_only(server):
+    assert server.proc.poll() is None
+    assert f"To see the GUI go to: http://{HOST}:{server.port}" in server.log(), server.tail()
+    if not os.path.isfile("/proc/net/tcp"):
+        pytest.skip("no /proc/net/tcp to read listening sockets from")
+    assert _listening_addresses(server.port) == ["0100007F"]  # 127.0.0.1, and nothing else
+
+
+def test_server_lists_blockswap_node(server, object_info):
+    assert "WAN22BlockSwap" in object_info, f"WAN22BlockSwap not listed{server.tail()}"
+    info = object_info["WAN22BlockSwap"]
+    assert info["display_name"] == "WAN 2.2 BlockSwap"
+    assert info["category"] == "ComfyUI_Wan22Blockswap"
+    assert info["python_module"] == f"custom_nodes.{PACK_DIR}"
+    assert info["output"] == ["MODEL"] and info["output_name"] == ["model"]
+    assert set(info["input"]) <= {"required", "optional", "hidden"}
+    for section, expected in EXPECTED_INPUTS.items():
+        listed = info["input"].get(section, {})
+        assert list(listed) == list(expected), f"{section} inputs"
+        assert info["input_order"][section] == list(expected)
+        for name, (type_, default) in expected.items():
+            spec = listed[name]
+            assert spec[0] == type_, name
+            options = spec[1] if len(spec) > 1 else {}
+            assert options.get("default") == default, name
+            assert options.get("tooltip"), f"{name} has no tooltip"
+    assert "hidden" not in info["input"] or not info["input"]["hidden"]
+    # The test-only node is there too (the prompt test needs it), from its own package.
+    assert object_info["Wan22TestRandomConditioning"]["python_module"] == f"custom_nodes.{TEST_NODES_DIR}"
+    assert "IMPORT FAILED" not in server.log(), server.tail()
+
+
+def test_server_wanblockswap_id_is_never_ours(server, object_info):
+    """ComfyUI 0.8+ ships a built-in no-op `wanBlockSwap` (comfy_extras/nodes_nop.py); our id differs."""
+    ours = [k for k, v in object_info.items() if v.get("python_module") == f"custom_nodes.{PACK_DIR}"]
+    assert "wanBlockSwap" not in ours
+    assert "WAN22BlockSwap" in ours
+    nop = CHECKOUT / "comfy_extras" / "nodes_nop.py"
+    if nop.is_file() and 'node_id="wanBlockSwap"' in nop.read_text():
+        info = object_info["wanBlockSwap"]
+        assert info["python_module"] == "comfy_extras.nodes_nop"
+        assert info["display_name"] != "WAN 2.2 BlockSwap"
+        assert list(info["input"]["required"]) == ["model"]
+    else:
+        assert "wanBlockSwap" not in object_info
+
+
+# --- (b) a prompt through the server --------------------------------------------------------------
+
+SEED, STEPS, CFG, FRAMES, SIZE = 0, 2, 2.0, 5, 64  # 5 frames -> 2 latent frames; 64 px -> 8x8 latent
+
+
+def blockswap_prompt() -> dict:
+    return {
+        "1": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": "tiny_wan_t2v.safetensors", "weight_dtype": "default"},
+        },
+        "2": {
+            "class_type": "WAN22BlockSwap",
+            "inputs": {
+                "model": ["1", 0],
+                "blocks_to_swap": 2,
+                "offload_txt_emb": False,
+                "offload_img_emb": False,
+                "prefetch_blocks": 1,
+                "block_swap_debug": True,
+            },
+        },
+        # Seeds SEED + 1 and SEED + 2: the same conditioning comfy_helpers.sample() uses.
+        "3": {"class_type": "Wan22TestRandomConditioning", "inputs": {"seed": SEED + 1, "tokens": 8}},
+        "4": {"class_type": "Wan22TestRandomConditioning", "inputs": {"seed": SEED + 2, "tokens": 8}},
+        "5": {
+            "class_type": "EmptyHunyuanLatentVideo",
+            "inputs": {"width": SIZE, "height": SIZE, "length": FRAMES, "batch_size": 1},
+        },
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["2", 0],
+                "seed": SEED,
+                "steps": STEPS,
+                "cfg": CFG,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["3", 0],
+                "negative": ["4", 0],
+                "latent_image": ["5", 0],
+                "denoise": 1.0,
+            },
+        },
+        "7": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["6", 0], "filename_prefix": "wan22_server/t2v"},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def executed(server):
+    """Queues the prompt once; returns (its history entry, the log written while it ran)."""
+    log_before = len(server.log())
+    status, body = server.request("/prompt", {"prompt": blockswap_prompt(), "client_id": uuid.uuid4().hex})
+    assert status == 200, f"/prompt refused the prompt: HTTP {status}: {body}{server.tail()}"
+    assert not body.get("node_errors"), body
+    prompt_id = body["prompt_id"]
+    deadline = time.monotonic() + PROMPT_TIMEOUT_S
+    while True:
+        history = server.get(f"/history/{prompt_id}")
+        if prompt_id in history:
+            break
+        if server.proc.poll() is not None:
+            pytest.fail(f"ComfyUI server died while running the prompt{server.tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"prompt {prompt_id} not done after {PROMPT_TIMEOUT_S} s{server.tail()}")
+        time.sleep(0.25)
+    # History is written just before the worker logs the run's end: wait for that line too.
+    while "Prompt executed in" not in server.log()[log_before:] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return history[prompt_id], server.log()[log_before:]
+
+
+def test_server_runs_blockswap_prompt(server, executed):
+    entry, run_log = executed
+    status = entry["status"]
+    assert status["status_str"] == "success" and status["completed"], (
+        f"prompt failed: {json.dumps(status.get('messages'), indent=1)[-4000:]}{server.tail()}"
+    )
+    # The node really swapped (on this CPU host dynamic VRAM is off, so BlockSwap takes the model).
+    assert "[BlockSwap] 2 of 4 blocks swapped" in run_log, server.tail()
+    saved = entry["outputs"]["7"]["latents"]
+    assert len(saved) == 1 and saved[0]["type"] == "output"
+    path = server.base / "output" / saved[0]["subfolder"] / saved[0]["filename"]
+    assert path.is_file(), f"{path} not written"
+    latent = load_file(str(path))["latent_tensor"]
+    assert latent.shape == (1, 16, (FRAMES - 1) // 4 + 1, SIZE // 8, SIZE // 8)
+    assert torch.isfinite(latent).all() and latent.abs().sum() > 0
+    # The server's swapped run equals an unswapped run of the same sampling in this process (both on
+    # the CPU; a GPU child, WAN22_COMFYUI_GPU=1, would compare different devices' arithmetic).
+    if comfy.model_management.get_torch_device().type != "cpu":
+        return
+    reference = sample(
+        load(server.base / "models" / "diffusion_models" / "tiny_wan_t2v.safetensors"),
+        steps=STEPS,
+        cfg=CFG,
+        seed=SEED,
+        frames=latent.shape[2],
+        size=SIZE // 8,
+    )
+    torch.testing.assert_close(latent, reference.to(latent.dtype), rtol=1e-4, atol=1e-5)
+
+
+# --- (c) the server log -----------------------------------------------------------------------------
+
+
+def test_server_log_is_clean(server, executed):
+    log = server.log()
+    assert "Tried to unpin tensor" not in log, server.tail(12000)
+    assert "Traceback" not in log, server.tail(12000)
+    assert server.proc.poll() is None, f"server exited{server.tail()}"
+
+
+# --- example workflows (UI format) against the live node definitions ------------------------------
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # virtual nodes of the UI, never sent to the server
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+MODEL_FILE_WIDGETS = {"unet_name", "clip_name", "vae_name"}  # this server has other files than users
+
+
+def _spec(info: dict, name: str) -> tuple[object, dict]:
+    for section in ("required", "optional"):
+        if name in info["input"].get(section, {}):
+            spec = info["input"][section][name]
+            return spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    raise KeyError(name)
+
+
+def widget_slots(info: dict) -> list[tuple[str, bool]]:
+    """The node's widgets_values layout in the UI: (input name, is its control_after_generate)."""
+    slots = []
+    for section in ("required", "optional"):
+        for name in info.get("input_order", {}).get(section, list(info["input"].get(section, {}))):
+            type_, options = _spec(info, name)
+            if options.get("forceInput") or not (isinstance(type_, list) or type_ in WIDGET_TYPES):
+                continue
+            slots.append((name, False))
+            if options.get("control_after_generate"):
+                slots.append((name, True))
+    return slots
+
+
+def _value_problem(name: str, type_: object, options: dict, value: object) -> str | None:
+    if isinstance(type_, list) or type_ == "COMBO":
+        choices = type_ if isinstance(type_, list) else options.get("options", [])
+        if name in MODEL_FILE_WIDGETS:
+            ok = isinstance(value, str) and value.endswith((".safetensors", ".gguf", ".pt", ".pth"))
+        else:
+            ok = value in choices
+        return None if ok else f"{value!r} is not one of {choices[:12]}"
+    if type_ == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{value!r} is not a boolean"
+    if type_ == "STRING":
+        return None if isinstance(value, str) else f"{value!r} is not a string"
+    if type_ in ("INT", "FLOAT"):
+        kinds = (int,) if type_ == "INT" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return f"{value!r} is not {type_}"
+        low, high = options.get("min", -math.inf), options.get("max", math.inf)
+        return None if low <= value <= high else f"{value} is outside [{low}, {high}]"
+    return None
+
+
+def workflow_problems(workflow: dict, object_info: dict) -> list[str]:
+    """Everything in a UI-format workflow that this server would not load as written."""
+    problems: list[str] = []
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    if len(nodes) != len(workflow["nodes"]):
+        problems.append("duplicate node ids")
+    links = {link[0]: link for link in workflow["links"]}
+    if len(links) != len(workflow["links"]):
+        problems.append("duplicate link ids")
+    if workflow.get("last_node_id", 0) < max(nodes, default=0):
+        problems.append("last_node_id is below a node id")
+    if workflow.get("last_link_id", 0) < max(links, default=0):
+        problems.append("last_link_id is below a link id")
+
+    for link_id, origin, origin_slot, target, target_slot, type_ in links.values():
+        where = f"link {link_id}"
+        if origin not in nodes or target not in nodes:
+            problems.append(f"{where}: unknown node")
+            continue
+        outputs, inputs = nodes[origin].get("outputs", []), nodes[target].get("inputs", [])
+        if origin_slot >= len(outputs) or link_id not in (outputs[origin_slot].get("links") or []):
+            problems.append(f"{where}: not listed by output {origin_slot} of node {origin}")
+        elif outputs[origin_slot]["type"] != type_:
+            problems.append(
+                f"{where}: type {type_} but output {origin_slot} of node {origin} is {outputs[origin_slot]['type']}"
+            )
+        if target_slot >= len(inputs) or inputs[target_slot].get("link") != link_id:
+            problems.append(f"{where}: not the link of input {target_slot} of node {target}")
+        elif inputs[target_slot]["type"] != type_:
+            problems.append(
+                f"{where}: type {type_} but input {target_slot} of node {target} is {inputs[target_slot]['type']}"
+            )
+
+    for node in workflow["nodes"]:
+        kind, where = node["type"], f"node {node['id']} ({node['type']})"
+        if kind in FRONTEND_ONLY:
+            continue
+        if kind not in object_info:
+            problems.append(f"{where}: no such node on this server")
+            continue
+        info = object_info[kind]
+        for slot in node.get("outputs", []):
+            listed = slot.get("slot_index", node["outputs"].index(slot))
+            if listed >= len(info["output"]) or info["output"][listed] != slot["type"]:
+                problems.append(
+                    f"{where}: output {slot['name']} ({slot['type']}) does not match {info['output']}"
+                )
+            for link_id in slot.get("links") or []:
+                if link_id not in links or links[link_id][1] != node["id"]:
+                    problems.append(f"{where}: output {slot['name']} lists unknown link {link_id}")
+        slots = widget_slots(info)
+        names = [name for name, is_control in slots if not is_control]
+        for slot in node.get("inputs", []):
+            name = slot["name"]
+            try:
+                type_, _ = _spec(info, name)
+            except KeyError:
+                problems.append(f"{where}: no input named {name!r}")
+                continue
+            if "widget" in slot:
+                if slot["widget"].get("name") != name or name not in names:
+                    problems.append(f"{where}: input {name!r} is not a widget")
+            elif name in names:
+                problems.append(f"{where}: widget input {name!r} written as a socket")
+            elif slot["type"] != type_:
+                problems.append(f"{where}: input {name!r} is {slot['type']}, the node says {type_}")
+            if slot.get("link") is not None and slot["link"] not in links:
+                problems.append(f"{where}: input {name!r} has unknown link {slot['link']}")
+        have = {slot["name"] for slot in node.get("inputs", [])}
+        missing = [n for n in info["input"].get("required", {}) if n not in have and n not in names]
+        if missing:
+            problems.append(f"{where}: required inputs {missing} have no socket")
+        values = node.get("widgets_values", [])
+        if len(values) != len(slots):
+            problems.append(f"{where}: {len(values)} widgets_values, the node has {len(slots)} ({slots})")
+            continue
+        for (name, is_control), value in zip(slots, values, strict=True):
+            if is_control:
+                problem = (
+                    None if value in CONTROL_VALUES else f"{value!r} is not one of {sorted(CONTROL_VALUES)}"
+                )
+            else:
+                problem = _value_problem(name, *_spec(info, name), value)
+            if problem:
+                problems.append(f"{where}: widget {name}{' control' if is_control else ''}: {problem}")
+    return problems
+
+
+def widget_values(node: dict, object_info: dict) -> dict[str, object]:
+    slots = widget_slots(object_info[node["type"]])
+    return {
+        name: v for (name, is_control), v in zip(slots, node["widgets_values"], strict=True) if not is_control
+    }
+
+
+def _nodes_of(workflow: dict, kind: str) -> list[dict]:
+    return [n for n in workflow["nodes"] if n["type"] == kind]
+
+
+def test_server_example_workflows_exist():
+    assert [p.name for p in WORKFLOWS] == ["wan22_blockswap_t2v.json"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_server_example_workflow_loads(path, object_info):
+    workflow = json.loads(path.read_text())
+    assert workflow_problems(workflow, object_info) == []
+    (swap,) = _nodes_of(workflow, "WAN22BlockSwap")
+    settings = widget_values(swap, object_info)
+    assert settings["blocks_to_swap"] == 20
+    assert settings["use_non_blocking"] is True
+    assert settings["prefetch_blocks"] == 1
+    # The chain the example exists to show: loader -> BlockSwap -> KSampler.
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+
+    def source(node: dict, input_name: str) -> dict:
+        (slot,) = [s for s in node["inputs"] if s["name"] == input_name]
+        return nodes[links[slot["link"]][1]]
+
+    (sampler,) = _nodes_of(workflow, "KSampler")
+    assert source(sampler, "model") is swap
+    assert source(swap, "model")["type"] == "UNETLoader"
+    latent = source(sampler, "latent_image")
+    assert latent["type"] == "EmptyHunyuanLatentVideo"
+    assert widget_values(latent, object_info) == {"width": 832, "height": 480, "length": 33, "batch_size": 1}
+
+
+def _swap_node(wf, info):
+    return _nodes_of(wf, "WAN22BlockSwap")[0]
+
+
+def _sampler_node(wf, info):
+    return _nodes_of(wf, "KSampler")[0]
+
+
+def _server_renames_node(wf, info):
+    info["WAN22BlockSwapV2"] = info.pop("WAN22BlockSwap")
+
+
+def _server_renames_input(wf, info):
+    optional = info["WAN22BlockSwap"]["input"]["optional"]
+    info["WAN22BlockSwap"]["input"]["optional"] = {
+        ("prefetch" if k == "prefetch_blocks" else k): v for k, v in optional.items()
+    }
+    order = info["WAN22BlockSwap"]["input_order"]["optional"]
+    order[order.index("prefetch_blocks")] = "prefetch"
+
+
+def _server_adds_widget(wf, info):
+    info["WAN22BlockSwap"]["input"]["optional"]["new_setting"] = ["BOOLEAN", {"default": False}]
+    info["WAN22BlockSwap"]["input_order"]["optional"].append("new_setting")
+
+
+def _server_renames_socket(wf, info):
+    required = info["KSampler"]["input"]["required"]
+    info["KSampler"]["input"]["required"] = {("unet" if k == "model" else k): v for k, v in required.items()}
+    order = info["KSampler"]["input_order"]["required"]
+    order[order.index("model")] = "unet"
+
+
+def _drop_control_after_generate(wf, info):
+    _sampler_node(wf, info)["widgets_values"].pop(1)
+
+
+def _out_of_range(wf, info):
+    _swap_node(wf, info)["widgets_values"][0] = 1000
+
+
+def _bad_combo(wf, info):
+    _sampler_node(wf, info)["widgets_values"][4] = "no_such_sampler"
+
+
+def _wrong_value_type(wf, info):
+    _swap_node(wf, info)["widgets_values"][3] = 1  # use_non_blocking
+
+
+def _dangling_link(wf, info):
+    wf["links"][0][4] += 1
+
+
+BREAKAGES = [
+    (_server_renames_node, "(WAN22BlockSwap): no such node"),
+    (_server_renames_input, "no input named 'prefetch_blocks'"),
+    (_server_adds_widget, "(WAN22BlockSwap): 8 widgets_values, the node has 9"),
+    (_server_renames_socket, "(KSampler): no input named 'model'"),
+    (_drop_control_after_generate, "(KSampler): 6 widgets_values, the node has 7"),
+    (_out_of_range, "blocks_to_swap: 1000 is outside [0, 64]"),
+    (_bad_combo, "sampler_name: 'no_such_sampler' is not one of"),
+    (_wrong_value_type, "use_non_blocking: 1 is not a boolean"),
+    (_dangling_link, "link 1: not the link of input 1 of node 2"),
+]
+
+
+@pytest.mark.parametrize("break_it, expected", BREAKAGES, ids=[f.__name__.strip("_") for f, _ in BREAKAGES])
+def test_server_example_workflow_check_catches(break_it, expected, object_info):
+    """The workflow check fails when a node, an input or a value no longer matches the server."""
+    workflow = json.loads(WORKFLOWS[0].read_text())
+    assert workflow_problems(workflow, object_info) == []
+    broken, info = copy.deepcopy(workflow), copy.deepcopy(object_info)
+    break_it(broken, info)
+    problems = workflow_problems(broken, info)
+    assert any(expected in p for p in problems), problems
