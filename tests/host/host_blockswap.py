@@ -30,7 +30,8 @@ def checkpoints(tmp_path_factory):
 
 def test_node_is_registered_under_its_own_id():
     assert "wanBlockSwap" not in nodes.NODE_CLASS_MAPPINGS
-    assert nodes.NODE_DISPLAY_NAME_MAPPINGS == {"WAN22BlockSwap": "WAN 2.2 BlockSwap"}
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["WAN22BlockSwap"] == "WAN 2.2 BlockSwap"
+    assert set(nodes.NODE_DISPLAY_NAME_MAPPINGS) == set(nodes.NODE_CLASS_MAPPINGS)
     spec = nodes.WAN22BlockSwap.INPUT_TYPES()
     assert list(spec["required"]) == ["model", "blocks_to_swap", "offload_txt_emb", "offload_img_emb"]
     assert list(spec["optional"])[:4] == [
