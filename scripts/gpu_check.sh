@@ -3,7 +3,9 @@
 # the ComfyUI checkout(s) under .hosts/ on the GPU, and the 14B-shaped benchmark with ComfyUI's own
 # offloading for comparison. Prints short tables; logs and JSON go to OUTDIR.
 #   bash scripts/gpu_check.sh [OUTDIR]      (OUTDIR defaults to $OUT, else /tmp/gpu_check)
+#   PARTS="cuda host" bash scripts/gpu_check.sh    (a subset of: cuda host bench)
 set -uo pipefail
+PARTS=${PARTS:-cuda host bench}
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUTDIR"
@@ -18,16 +20,19 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current \
   --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 
+if [[ " $PARTS " == *" cuda "* ]]; then
 echo "== CUDA engine tests"
 timeout 120 $PY -m pytest tests/cuda -q -rs -p no:cacheprovider 2>&1 | tee "$OUTDIR/cuda_tests.log" | tail -5
-
-HOST=$(ls -d .hosts/*/ 2>/dev/null | grep -v GGUF | head -1 | sed 's:/$::')
-if [ -n "$HOST" ]; then
-  echo "== host tests on the GPU ($HOST)"
-  WAN22_COMFYUI=$PWD/$HOST WAN22_COMFYUI_GPU=1 timeout 200 $PY -m pytest tests/host -q -rs -p no:cacheprovider \
-    -o "python_files=host_cuda.py host_blockswap.py" 2>&1 | tee "$OUTDIR/host_tests.log" | tail -15
 fi
 
+HOST=$(ls -d .hosts/*/ 2>/dev/null | grep -v GGUF | head -1 | sed 's:/$::')
+if [ -n "$HOST" ] && [[ " $PARTS " == *" host "* ]]; then
+  echo "== host tests on the GPU ($HOST)"
+  WAN22_COMFYUI=$PWD/$HOST WAN22_COMFYUI_GPU=1 timeout 200 $PY -m pytest tests/host -q -rs -p no:cacheprovider \
+    -o "python_files=host_cuda.py host_blockswap.py host_loader.py" 2>&1 | tee "$OUTDIR/host_tests.log" | tail -15
+fi
+
+[[ " $PARTS " == *" bench "* ]] || exit 0
 echo "== benchmark: 14B block shapes (20 blocks), sweep of swapped blocks, ComfyUI native offloading"
 timeout ${BENCH_TIMEOUT:-240} $PY test_performance.py --preset 14b --layers 20 --tokens 32760,1560 --test-all \
   --prefetch 1 --non-blocking --steps 3 ${HOST:+--compare-native --comfyui-path $PWD/$HOST} \
