@@ -1,9 +1,11 @@
-"""The pack's ComfyUI nodes. Thin: validate inputs, call into callbacks.py."""
+"""The pack's ComfyUI nodes. Thin: validate inputs, call into callbacks.py and loader.py."""
 
 from __future__ import annotations
 
+from . import loader
 from .callbacks import apply_block_swap
 from .config import MAX_BLOCKS, MAX_PREFETCH, MAX_VACE_BLOCKS, SwapConfig
+from .wan_detect import MODEL_VARIANTS, WAN_VERSIONS
 
 CATEGORY = "ComfyUI_Wan22Blockswap"
 
@@ -122,3 +124,108 @@ class WAN22BlockSwap:
 
 NODE_CLASS_MAPPINGS = {"WAN22BlockSwap": WAN22BlockSwap}
 NODE_DISPLAY_NAME_MAPPINGS = {"WAN22BlockSwap": "WAN 2.2 BlockSwap"}
+
+
+class WANModelLoader:
+    DESCRIPTION = (
+        "Loads a WAN 2.1/2.2 diffusion model from ComfyUI's diffusion_models folder, as safetensors or GGUF. "
+        "Checks the file first (complete, inside the model folders, a WAN model matching the chosen version and "
+        "variant). Safetensors go through ComfyUI's own loader, so the model equals Load Diffusion Model's; "
+        "GGUF weights stay quantized in RAM (memory-mapped) and are dequantized per layer on the GPU, LoRA "
+        "included. No block swapping here: connect the output to a WAN 2.2 BlockSwap node for that."
+    )
+    CATEGORY = "WAN"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The WAN diffusion model. Connect it to a WAN 2.2 BlockSwap node to save VRAM.",)
+    FUNCTION = "load_model"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_type": (
+                    list(loader.MODEL_TYPES),
+                    {
+                        "default": "safetensors",
+                        "tooltip": "File format to load: safetensors (bf16/fp16/fp8 weights) or gguf (quantized). "
+                        "Only the file chosen for this format is used.",
+                    },
+                ),
+                "safetensors_model": (
+                    loader.list_safetensors_models() or [loader.NO_MODEL],
+                    {
+                        "tooltip": "The .safetensors file from models/diffusion_models (or the legacy "
+                        "models/unet). Used when model_type is safetensors.",
+                    },
+                ),
+                "gguf_model": (
+                    loader.list_gguf_models() or [loader.NO_MODEL],
+                    {
+                        "tooltip": "The .gguf file from models/diffusion_models (or the legacy models/unet). "
+                        "Used when model_type is gguf.",
+                    },
+                ),
+                "wan_version": (
+                    list(WAN_VERSIONS),
+                    {
+                        "default": "auto",
+                        "tooltip": "auto reads it from the weights (and file metadata). 2.2 is visible in the "
+                        "weights only for the 5B TI2V, S2V, Animate and Fun Camera models; WAN 2.2 A14B high/low "
+                        "files have the 2.1 architecture and load the same way. A choice the weights rule out "
+                        "is an error.",
+                    },
+                ),
+                "model_variant": (
+                    list(MODEL_VARIANTS),
+                    {
+                        "default": "auto",
+                        "tooltip": "auto detects it from the weights the way ComfyUI does (VACE, camera, S2V, "
+                        "HuMo and Animate weights, image embedding for i2v). A variant the weights rule out is an "
+                        "error.",
+                    },
+                ),
+                "fp8_optimization": (
+                    list(loader.FP8_OPTIMIZATIONS),
+                    {
+                        "default": "disabled",
+                        "tooltip": "Store the weights as fp8 (half the memory of bf16), exactly like Load "
+                        "Diffusion Model's fp8 weight_dtype. Safetensors only; ignored for GGUF.",
+                    },
+                ),
+                "weight_dtype": (
+                    list(loader.WEIGHT_DTYPES),
+                    {
+                        "default": "auto",
+                        "tooltip": "With fp8 off: the dtype the weights are stored in. With fp8 on: the dtype "
+                        "layers compute in. auto lets ComfyUI choose for the GPU. Safetensors only; ignored for "
+                        "GGUF.",
+                    },
+                ),
+            }
+        }
+
+    def load_model(
+        self,
+        model_type,
+        safetensors_model,
+        gguf_model,
+        wan_version="auto",
+        model_variant="auto",
+        fp8_optimization="disabled",
+        weight_dtype="auto",
+    ):
+        model = loader.load_wan_model(
+            model_type,
+            safetensors_model,
+            gguf_model,
+            wan_version,
+            model_variant,
+            fp8_optimization,
+            weight_dtype,
+        )
+        return (model,)
+
+
+NODE_CLASS_MAPPINGS["WANModelLoader"] = WANModelLoader
+NODE_DISPLAY_NAME_MAPPINGS["WANModelLoader"] = "WAN Model Loader"

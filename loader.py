@@ -1,0 +1,344 @@
+"""WAN diffusion model loading for the WAN Model Loader node (imports ComfyUI).
+
+- Files come from ComfyUI's ``diffusion_models`` folders (which include the legacy ``unet`` folder). GGUF
+  files are listed through a folder key of our own that shares those folders' path list, so ComfyUI's
+  extension sets (one set object shared by most folders) are never touched.
+- Every file is checked before anything is built: the name must stay inside the model folders, the file
+  must be complete, and its weights must be a WAN 2.1/2.2 model that fits the chosen version and variant
+  (:mod:`wan_detect`).
+- Safetensors load through ``comfy.sd.load_diffusion_model`` with the options UNETLoader uses, so the model
+  is the one "Load Diffusion Model" gives; only an explicit compute dtype is set on top of it.
+- GGUF files are memory-mapped (:func:`gguf_loader.load_gguf_state_dict`); quantized weights stay raw bytes
+  (:class:`GGUFWeight`) and :mod:`gguf_ops` layers decode them on the compute device. LoRA on them is kept
+  on ``weight.patches`` by :class:`WanGGUFModelPatcher` instead of being fused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+
+import comfy.model_patcher
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+
+from .gguf_loader import GGUFWeight, load_gguf_state_dict
+from .gguf_ops import GGUFOps, load_progress
+from .wan_detect import WanChoice, detect_wan, logical_shapes, resolve_choice
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("safetensors", "gguf")
+FP8_OPTIMIZATIONS = ("disabled", "e4m3fn", "e5m2")
+WEIGHT_DTYPES = ("auto", "fp16", "bf16", "fp32")
+
+FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+EXTENSIONS = {"safetensors": (".safetensors", ".sft"), "gguf": (".gguf",)}
+
+DIFFUSION_FOLDER = "diffusion_models"
+GGUF_FOLDER = "wan22_blockswap_diffusion_models_gguf"
+NO_MODEL = "none"  # listed when a folder holds no file of a kind, so the node still validates
+
+
+# --------------------------------------------------------------------------------------------
+# Folders and file names
+# --------------------------------------------------------------------------------------------
+
+
+def _diffusion_folder_key() -> str:
+    table = folder_paths.folder_names_and_paths
+    for key in (DIFFUSION_FOLDER, "unet"):  # "unet" is the pre-2024 name of the same folder
+        if key in table:
+            return key
+    raise RuntimeError("ComfyUI has no diffusion_models (unet) model folder registered")
+
+
+def register_gguf_folder() -> str:
+    """Register (or refresh) our GGUF folder key and return it.
+
+    It shares the diffusion_models entry's path list object, so folders added to diffusion_models later
+    (extra_model_paths.yaml, add_model_folder_path) are searched too, and has an extension set of its own:
+    adding ".gguf" to diffusion_models' set would add it to every folder sharing ComfyUI's set.
+    """
+    table = folder_paths.folder_names_and_paths
+    paths = table[_diffusion_folder_key()][0]
+    current = table.get(GGUF_FOLDER)
+    if current is None or current[0] is not paths:
+        table[GGUF_FOLDER] = (paths, set(EXTENSIONS["gguf"]))
+    return GGUF_FOLDER
+
+
+def list_safetensors_models() -> list[str]:
+    names = folder_paths.get_filename_list(_diffusion_folder_key())
+    return [n for n in names if n.lower().endswith(EXTENSIONS["safetensors"])]
+
+
+def list_gguf_models() -> list[str]:
+    return list(folder_paths.get_filename_list(register_gguf_folder()))
+
+
+def _escapes(name: str) -> bool:
+    if os.path.isabs(name) or os.path.splitdrive(name)[0] or name.startswith(("/", "\\")):
+        return True
+    normalized = os.path.normpath(name)
+    parts = normalized.replace("\\", "/").split("/")
+    return ".." in parts
+
+
+def resolve_model_path(model_type: str, name: str) -> str:
+    """The full path of ``name`` (as listed by the node) inside the diffusion_models folders.
+
+    Raises ValueError for a missing choice, a wrong extension or a name that leads outside the folders
+    ("../x", absolute paths), FileNotFoundError when no folder holds the file.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)} (got {model_type!r})")
+    input_name = f"{model_type}_model"
+    if not name or name == NO_MODEL:
+        raise ValueError(
+            f"model_type is {model_type} but no {input_name} is selected: put a "
+            f"{'/'.join(EXTENSIONS[model_type])} file into ComfyUI/models/diffusion_models"
+        )
+    if _escapes(name):
+        raise ValueError(f"{input_name} {name!r} resolves outside the diffusion_models folders")
+    if not name.lower().endswith(EXTENSIONS[model_type]):
+        raise ValueError(
+            f"{input_name} {name!r} is not a {'/'.join(EXTENSIONS[model_type])} file "
+            f"(model_type is {model_type})"
+        )
+    folders = folder_paths.get_folder_paths(_diffusion_folder_key())
+    for folder in folders:
+        candidate = os.path.join(folder, os.path.normpath(name))
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"{input_name} {name!r} not found in the diffusion_models folders ({', '.join(folders) or 'none'})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Safetensors
+# --------------------------------------------------------------------------------------------
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(name -> shape, metadata) from a safetensors header, after checking that the file is complete.
+
+    Reads only the header. Raises ValueError for files that are not safetensors or are truncated.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path} is not a safetensors file ({size} bytes)")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len <= 1 or 8 + header_len > size:
+            raise ValueError(
+                f"{path} is truncated or not a safetensors file: it announces a {header_len}-byte header "
+                f"but has {size} bytes"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+            metadata = header.pop("__metadata__", None) or {}
+            shapes, end = {}, 0
+            for name, info in header.items():
+                shapes[name] = tuple(int(s) for s in info["shape"])
+                end = max(end, int(info["data_offsets"][1]))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ValueError(f"{path} is not a safetensors file (bad header: {exc})") from exc
+    if 8 + header_len + end > size:
+        raise ValueError(
+            f"{path} is truncated: its tensors need {8 + header_len + end} bytes, the file has {size}"
+        )
+    return shapes, metadata
+
+
+def safetensors_model_options(fp8_optimization: str, weight_dtype: str) -> tuple[dict, torch.dtype | None]:
+    """(model_options for comfy.sd, compute dtype to force or None).
+
+    fp8 on: weights stored in that fp8 type exactly as UNETLoader's fp8 choices do; weight_dtype is then the
+    compute dtype. fp8 off: weight_dtype is the storage dtype and ComfyUI picks the compute dtype.
+    "auto" leaves the choice to ComfyUI.
+    """
+    if fp8_optimization not in FP8_OPTIMIZATIONS:
+        raise ValueError(
+            f"fp8_optimization must be one of {', '.join(FP8_OPTIMIZATIONS)} (got {fp8_optimization!r})"
+        )
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)} (got {weight_dtype!r})")
+    chosen = TORCH_DTYPES.get(weight_dtype)
+    if fp8_optimization != "disabled":
+        return {"dtype": FP8_DTYPES[fp8_optimization]}, chosen
+    return ({"dtype": chosen} if chosen is not None else {}), None
+
+
+def _set_compute_dtype(patcher, dtype: torch.dtype) -> None:
+    """What ComfyUI's ModelComputeDtype node does (set_model_compute_dtype), where the patcher has it."""
+    if hasattr(patcher, "set_model_compute_dtype"):
+        patcher.set_model_compute_dtype(dtype)
+    else:
+        patcher.add_object_patch("manual_cast_dtype", dtype)
+        patcher.force_cast_weights = True
+
+
+def _log_choice(name: str, detection, choice: WanChoice) -> None:
+    log.info("[BlockSwap] WAN Model Loader: %s: %s", name, detection.describe())
+    for note in choice.notes:
+        log.info("[BlockSwap] WAN Model Loader: %s", note)
+
+
+def load_safetensors_model(
+    path: str,
+    wan_version: str = "auto",
+    model_variant: str = "auto",
+    fp8_optimization: str = "disabled",
+    weight_dtype: str = "auto",
+):
+    """A ModelPatcher for a WAN safetensors file, built by ComfyUI's own diffusion-model loader."""
+    options, compute_dtype = safetensors_model_options(fp8_optimization, weight_dtype)
+    name = os.path.basename(path)
+    progress = comfy.utils.ProgressBar(3)
+    shapes, metadata = read_safetensors_header(path)
+    try:
+        detection = detect_wan(shapes, metadata)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from exc
+    choice = resolve_choice(detection, wan_version, model_variant, source=name)
+    _log_choice(name, detection, choice)
+    progress.update(1)
+    patcher = comfy.sd.load_diffusion_model(path, model_options=options)
+    progress.update(1)
+    if compute_dtype is not None:
+        _set_compute_dtype(patcher, compute_dtype)
+    log.info(
+        "[BlockSwap] WAN Model Loader: weights %s, compute %s",
+        _dtype_name(patcher.model.get_dtype()),
+        _dtype_name(compute_dtype or patcher.model.manual_cast_dtype or patcher.model.get_dtype()),
+    )
+    progress.update(1)
+    return patcher
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF
+# --------------------------------------------------------------------------------------------
+
+
+def _gguf_params(model: torch.nn.Module):
+    for module in model.modules():
+        for param in module._parameters.values():
+            if isinstance(param, GGUFWeight):
+                yield param
+
+
+class WanGGUFModelPatcher(comfy.model_patcher.ModelPatcher):
+    """ModelPatcher for GGUF models: LoRA on quantized weights is kept on ``weight.patches``, not fused.
+
+    ComfyUI fuses LoRA into a weight it loads (``patch_weight_to_device``), which cannot work on quantized
+    bytes. Here a GGUF weight instead gets ``patches = [(patch_list, key)]``, which the GGUF layers apply
+    after dequantizing in every forward (the same convention the BlockSwap engine uses for swapped blocks);
+    unpatching clears them. Float weights are patched the ComfyUI way.
+    """
+
+    def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
+        weight = comfy.utils.get_attr(self.model, key)
+        if not isinstance(weight, GGUFWeight):
+            return super().patch_weight_to_device(key, device_to, *args, **kwargs)
+        # ComfyUI 0.16+: (key, device_to, inplace_update, return_weight, force_cast).
+        return_weight = kwargs.get("return_weight", args[1] if len(args) > 1 else False)
+        patches = self.patches.get(key)
+        if return_weight:
+            out = (weight.to(device_to) if device_to is not None else weight).detach()  # own attributes
+            out.patches = [(patches, key)] if patches else []
+            return out
+        if patches:
+            weight.patches = [(patches, key)]
+        return weight
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True, *args, **kwargs):
+        if unpatch_weights:
+            for param in _gguf_params(self.model):
+                if param.patches:
+                    param.patches = []
+        return super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
+
+
+def load_gguf_model(
+    path: str,
+    wan_version: str = "auto",
+    model_variant: str = "auto",
+    fp8_optimization: str = "disabled",
+    weight_dtype: str = "auto",
+):
+    """A WanGGUFModelPatcher for a WAN GGUF file: quantized weights stay memory-mapped GGUFWeights."""
+    name = os.path.basename(path)
+    if fp8_optimization != "disabled" or weight_dtype != "auto":
+        log.info(
+            "[BlockSwap] WAN Model Loader: fp8_optimization=%s and weight_dtype=%s do not apply to GGUF "
+            "models (their quantization is in the file): ignored",
+            fp8_optimization,
+            weight_dtype,
+        )
+    state_dict, metadata = load_gguf_state_dict(path)
+    try:
+        detection = detect_wan(logical_shapes(state_dict), metadata)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from exc
+    choice = resolve_choice(detection, wan_version, model_variant, source=name)
+    _log_choice(name, detection, choice)
+
+    n_weights = sum(1 for k in state_dict if k.endswith(".weight"))
+    progress = comfy.utils.ProgressBar(n_weights + 1)
+    kwargs = {}
+    if "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+        # ComfyUI 0.16+: its dynamic-VRAM patcher streams float weights by itself; GGUF layers cast their
+        # own weights, so the model gets a classic patcher (as ComfyUI-GGUF's models do).
+        kwargs["disable_dynamic"] = True
+    with load_progress(lambda: progress.update(1)):
+        patcher = comfy.sd.load_diffusion_model_state_dict(
+            state_dict, model_options={"custom_operations": GGUFOps}, **kwargs
+        )
+    if patcher is None:
+        raise ValueError(f"{name}: ComfyUI could not detect the model type of this GGUF file")
+    patcher.__class__ = WanGGUFModelPatcher
+    quantized = sum(1 for _ in _gguf_params(patcher.model))
+    log.info(
+        "[BlockSwap] WAN Model Loader: %s: %d quantized weights kept as GGUF bytes (%s), compute %s",
+        name,
+        quantized,
+        metadata.get("gguf.file_type_name", "mixed types"),
+        _dtype_name(patcher.model.manual_cast_dtype or patcher.model.get_dtype()),
+    )
+    progress.update_absolute(n_weights + 1)
+    return patcher
+
+
+# --------------------------------------------------------------------------------------------
+# The node's entry point
+# --------------------------------------------------------------------------------------------
+
+
+def load_wan_model(
+    model_type: str,
+    safetensors_model: str,
+    gguf_model: str,
+    wan_version: str = "auto",
+    model_variant: str = "auto",
+    fp8_optimization: str = "disabled",
+    weight_dtype: str = "auto",
+):
+    """Everything the WAN Model Loader node does: pick the file, check it, load it, return a ModelPatcher."""
+    name = safetensors_model if model_type == "safetensors" else gguf_model
+    path = resolve_model_path(model_type, name)
+    if model_type == "gguf":
+        return load_gguf_model(path, wan_version, model_variant, fp8_optimization, weight_dtype)
+    return load_safetensors_model(path, wan_version, model_variant, fp8_optimization, weight_dtype)
