@@ -217,7 +217,13 @@ class BlockSwapPatcherMixin:
     ):
         plan = plan_of(self)
         if plan is None:
-            return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load, **kwargs)
+            return super().load(
+                device_to,
+                lowvram_model_memory=lowvram_model_memory,
+                force_patch_weights=force_patch_weights,
+                full_load=full_load,
+                **kwargs,
+            )
         plan.prepare_load(self)
         if full_load or lowvram_model_memory == 0:
             budget = 1e32  # "load everything" - of what the load list still holds
@@ -229,7 +235,14 @@ class BlockSwapPatcherMixin:
             self.mmap_released = True
         # full_load=False: the parent's full load ends with model.to(device), which would move the
         # swapped blocks to the GPU.
-        result = super().load(device_to, budget, force_patch_weights, False, **kwargs)
+        # Keywords, not positions: ComfyUI-GGUF's load(*args, force_patch_weights=..., **kwargs) reads them.
+        result = super().load(
+            device_to,
+            lowvram_model_memory=budget,
+            force_patch_weights=force_patch_weights,
+            full_load=False,
+            **kwargs,
+        )
         # Count the run's slots as loaded, so ComfyUI keeps room for them (e.g. for the VAE decode).
         self.model.model_loaded_weight_memory += plan.slot_bytes
         return result
