@@ -356,12 +356,6 @@ def _import_comfyui_gguf():
 
 
 @pytest.mark.skipif(not COMFY_GGUF.is_dir(), reason=f"ComfyUI-GGUF not found at {COMFY_GGUF}")
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="callbacks.BlockSwapPatcherMixin.load passes force_patch_weights positionally to "
-    "ComfyUI-GGUF's load(*args, force_patch_weights=...): 'got multiple values' (to be fixed in callbacks.py)",
-)
 def test_comfyui_gguf_models_work_with_block_swap(model_dir, files):
     gguf_nodes = sys.modules.get("ComfyUI-GGUF.nodes") or _import_comfyui_gguf()
     (name,) = place(model_dir, files["gguf"])
