@@ -345,6 +345,56 @@ def test_lora_on_gguf_is_applied_unfused_and_equals_block_swap(model_dir, files)
     assert torch.equal(sample(model), plain)
 
 
+def test_a_gguf_layer_applies_its_lora_once_however_comfyui_attaches_it(model_dir, files):
+    """Loaded layers get weight.patches; offloaded (lowvram) ones ComfyUI's LowVramPatch; never both twice."""
+    import comfy.lora
+    import comfy.model_patcher
+
+    from wan22_blockswap.gguf_ops import cast_gguf_bias_weight
+
+    (name,) = place(model_dir, files["gguf"])
+    model = load_node("gguf", gguf_model=name)
+    key = "diffusion_model.blocks.0.self_attn.q.weight"
+    patched = with_lora(model, {key: lora_patches(model)[key]})
+    layer = model.model.diffusion_model.blocks[0].self_attn.q
+    weight = layer.weight
+    expected = comfy.lora.calculate_weight(patched.patches[key], weight.dequantize(torch.float32), key)
+    assert not torch.allclose(expected, weight.dequantize(torch.float32), atol=1e-3)
+
+    def effective():
+        return cast_gguf_bias_weight(layer, dtype=torch.float32, device=torch.device("cpu"))[0]
+
+    lowvram_patch = comfy.model_patcher.LowVramPatch(key, patched.patches)
+    try:
+        weight.patches = [(patched.patches[key], key)]
+        torch.testing.assert_close(effective(), expected)
+        layer.weight_function = [lowvram_patch]
+        torch.testing.assert_close(effective(), expected)  # both attached: still applied once
+        weight.patches = []
+        torch.testing.assert_close(effective(), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        weight.patches = []
+        layer.weight_function = []
+    # ComfyUI's own loader with a tiny budget: every layer is offloaded and gets the LowVramPatch...
+    cpu = torch.device("cpu")
+    x = torch.randn(2, 5, 128)
+    reference = torch.nn.functional.linear(x, expected, layer.bias)
+    for force_patch_weights in (False, True):
+        patched.load(cpu, lowvram_model_memory=1, force_patch_weights=force_patch_weights, full_load=False)
+        try:
+            assert layer.comfy_cast_weights
+            has_function = any(isinstance(f, comfy.model_patcher.LowVramPatch) for f in layer.weight_function)
+            # ...or, with force_patch_weights (as ComfyUI-GGUF always does), patches on the weight.
+            assert has_function != force_patch_weights and bool(layer.weight.patches) == force_patch_weights
+            torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+        finally:
+            patched.unpatch_model(cpu)
+        assert not layer.weight.patches and not layer.weight_function
+    torch.testing.assert_close(
+        layer(x), torch.nn.functional.linear(x, weight.dequantize(torch.float32), layer.bias)
+    )
+
+
 def _import_comfyui_gguf():
     spec = importlib.util.spec_from_file_location(
         "ComfyUI-GGUF", COMFY_GGUF / "__init__.py", submodule_search_locations=[str(COMFY_GGUF)]
