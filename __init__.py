@@ -9,7 +9,9 @@ import importlib.util
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-if importlib.util.find_spec("comfy") is not None:
+# __package__ is empty when a tool imports this file on its own (pytest does, for the repository
+# folder); the nodes' relative imports need the package.
+if __package__ and importlib.util.find_spec("comfy") is not None:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
