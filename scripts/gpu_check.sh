@@ -28,6 +28,7 @@ fi
 HOST=$(ls -d .hosts/*/ 2>/dev/null | grep -v GGUF | head -1 | sed 's:/$::')
 if [ -n "$HOST" ] && [[ " $PARTS " == *" host "* ]]; then
   echo "== host tests on the GPU ($HOST)"
+  [ -d .hosts/ComfyUI-GGUF ] && export COMFYUI_GGUF_PATH=$PWD/.hosts/ComfyUI-GGUF
   WAN22_COMFYUI=$PWD/$HOST WAN22_COMFYUI_GPU=1 timeout 200 $PY -m pytest tests/host -q -rs -p no:cacheprovider \
     -o "python_files=host_cuda.py host_blockswap.py host_loader.py" 2>&1 | tee "$OUTDIR/host_tests.log" | tail -15
 fi

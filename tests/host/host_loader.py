@@ -22,7 +22,7 @@ from wan22_blockswap.gguf_loader import GGUFWeight, load_gguf_state_dict, write_
 
 from .comfy_helpers import checkpoint_state_dict, sample, write_checkpoint
 
-COMFY_GGUF = Path.home() / "comfy-hosts" / "ComfyUI-GGUF"
+COMFY_GGUF = Path(os.environ.get("COMFYUI_GGUF_PATH") or Path.home() / "comfy-hosts" / "ComfyUI-GGUF")
 SEED_INPUTS = [
     "model_type",
     "safetensors_model",
