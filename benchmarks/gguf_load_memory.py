@@ -35,7 +35,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = "wan22_blockswap"
 HOME = Path.home()
 DEFAULT_COMFYUI = os.environ.get("WAN22_COMFYUI") or str(HOME / "comfy-hosts" / "0.8.1")
 DEFAULT_COMFYUI_GGUF = str(HOME / "comfy-hosts" / "ComfyUI-GGUF")
@@ -45,16 +44,13 @@ MIB = 2**20
 
 
 def load_package():
-    """This repository as the package `wan22_blockswap` (its modules use relative imports)."""
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(
-        PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
+    """This repository as the package `wan22_blockswap`, imported the way the benchmark CLI does it."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from test_performance import load_package as load_repository_package
+    finally:
+        sys.path.remove(str(ROOT))  # the repository's nodes.py must not shadow ComfyUI's `nodes`
+    return load_repository_package()
 
 
 def fmt(n: float) -> str:
