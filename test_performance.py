@@ -236,8 +236,8 @@ def load_safetensors_model(path: Path, workload: Workload, pkg):
         raise SystemExit(f"--model-path: no such file: {path}")
     if path.suffix.lower() == ".gguf":
         raise SystemExit(
-            "--model-path: GGUF files are benchmarked through ComfyUI (with the pack's loader); "
-            "this standalone benchmark reads .safetensors files"
+            "--model-path: this benchmark reads WAN .safetensors files; GGUF files are not supported by it "
+            "yet (load them with the WAN Model Loader node inside ComfyUI)"
         )
     from safetensors import safe_open
 

@@ -114,6 +114,10 @@ def test_too_many_blocks_and_missing_files_are_clear_errors(tmp_path):
         cli.main(["--preset", "tiny", "--blocks-to-swap", "9"])
     with pytest.raises(SystemExit, match="no such file"):
         cli.main(["--model-path", str(tmp_path / "missing.safetensors")])
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(SystemExit, match="GGUF files are not supported by it yet"):
+        cli.main(["--model-path", str(gguf)])
 
 
 def test_tokens_for_video_match_wan_latent_geometry():
