@@ -580,3 +580,16 @@ def test_wan_model_recognition(models):
     assert all(wu.is_wan_model(m) for m in models.values())
     assert not wu.is_wan_model(nn.Linear(2, 2))
     assert not wu.is_wan_model("model")
+
+
+def test_default_pinned_budget_is_the_share_quoted_in_the_tooltip():
+    import psutil
+
+    assert bm.DEFAULT_PINNED_RAM_SHARE == 0.45
+    assert bm.default_pinned_budget() == int(psutil.virtual_memory().total * 0.45)
+    # Without a GPU nothing is pinned, whatever the setting.
+    model = sm.build_model("tiny", num_layers=4)
+    engine = make_engine(model, 2, prefetch=1, use_non_blocking=True)
+    with engine.attached():
+        model(**sm.example_inputs(model))
+    assert engine.pinned_bytes() == 0 and bm.pinned_bytes_in_use() == 0
