@@ -58,7 +58,7 @@ def load_package():
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = module
     spec.loader.exec_module(module)
-    for name in ("utils", "block_manager", "wan_units", "synthetic_model"):
+    for name in ("utils", "block_manager", "wan_units", "wan_detect", "synthetic_model"):
         importlib.import_module(f"{PACKAGE}.{name}")
     return module
 
@@ -202,33 +202,27 @@ def load_model(workload: Workload, pkg):
 
 
 def shape_from_state_dict(keys_and_shapes: dict[str, tuple[int, ...]], pkg):
-    """WAN block shapes from ComfyUI-named weights (head dim is 128 in every released WAN)."""
-    sm = pkg.synthetic_model
+    """WAN block shapes from ComfyUI-named weights, via the loader's own detection (wan_detect)."""
     try:
-        dim = keys_and_shapes["blocks.0.self_attn.q.weight"][0]
+        detection = pkg.wan_detect.detect_wan(keys_and_shapes)
         ffn = keys_and_shapes["blocks.0.ffn.0.weight"][0]
-        in_dim = keys_and_shapes["patch_embedding.weight"][1]
         text_dim = keys_and_shapes["text_embedding.0.weight"][1]
-        out_dim = keys_and_shapes["head.head.weight"][0] // 4
-    except KeyError as e:
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"--model-path: not a WAN diffusion model in ComfyUI's key format ({e})") from e
+    if detection.variant not in ("t2v", "i2v", "vace"):
         raise SystemExit(
-            f"--model-path: not a WAN diffusion model in ComfyUI's key format (missing {e})"
-        ) from e
-    layers = 1 + max(int(k.split(".")[1]) for k in keys_and_shapes if k.startswith("blocks."))
-    variant = (
-        "vace"
-        if any(k.startswith("vace_blocks.") for k in keys_and_shapes)
-        else ("i2v" if any(k.startswith("img_emb.") for k in keys_and_shapes) else "t2v")
-    )
-    return sm.WanShape(
-        dim=dim,
+            f"--model-path: {detection.describe()}; this benchmark's model covers t2v, i2v and VACE files"
+        )
+    shape = pkg.synthetic_model.WanShape(
+        dim=detection.dim,
         ffn_dim=ffn,
-        num_heads=max(1, dim // 128),
-        num_layers=layers,
-        in_dim=in_dim,
-        out_dim=out_dim,
+        num_heads=max(1, detection.dim // 128),  # head dim is 128 in every released WAN
+        num_layers=detection.num_layers,
+        in_dim=detection.in_dim,
+        out_dim=detection.out_dim,
         text_dim=text_dim,
-    ), variant
+    )
+    return shape, detection.variant
 
 
 def load_safetensors_model(path: Path, workload: Workload, pkg):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("test_performance_cli_module", ROOT / "test_performance.py")
@@ -114,6 +115,12 @@ def test_too_many_blocks_and_missing_files_are_clear_errors(tmp_path):
         cli.main(["--preset", "tiny", "--blocks-to-swap", "9"])
     with pytest.raises(SystemExit, match="no such file"):
         cli.main(["--model-path", str(tmp_path / "missing.safetensors")])
+    from safetensors.torch import save_file
+
+    not_wan = tmp_path / "not_wan.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(not_wan))
+    with pytest.raises(SystemExit, match="not a WAN diffusion model.*head.modulation"):
+        cli.main(["--model-path", str(not_wan)])
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     with pytest.raises(SystemExit, match="GGUF files are not supported by it yet"):
