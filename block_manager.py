@@ -621,8 +621,7 @@ class BlockSwapEngine:
             ):
                 continue
             if unit.slab is None:
-                unit.layout = _layout(current)
-                unit.nbytes = _layout_size(unit)
+                unit.layout, unit.nbytes = _layout(current)
                 unit.home_device = current[0][3].device if current else self.offload_device
                 unit.slab = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.offload_device)
                 unit.slab_views = [_view(unit.slab, spec) for spec in unit.layout]
@@ -773,19 +772,19 @@ class BlockSwapEngine:
 # ----------------------------------------------------------------------------------------------
 
 
-def _layout(tensors: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> list[TensorSlot]:
+def _layout(tensors: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> tuple[list[TensorSlot], int]:
+    """Where each tensor goes in a slab (and in any slot), and the slab's size."""
     layout, offset = [], 0
     for owner, attr, is_param, t in tensors:
         nbytes = tensor_nbytes(t)
         layout.append(TensorSlot(owner, attr, is_param, offset, nbytes, t.dtype, torch.Tensor.size(t)))
         offset = _align(offset + nbytes)
-    return layout
+    return layout, offset
 
 
 def _layout_size(unit: SwapUnit) -> int:
-    if unit.nbytes:
-        return unit.nbytes
-    return _align(sum(_align(tensor_nbytes(t)) for *_, t in unit.tensors()))
+    """The unit's slab size, also before its slab exists (a host reserves slot memory at load time)."""
+    return unit.nbytes or _layout(list(unit.tensors()))[1]
 
 
 def _view(buffer: torch.Tensor, spec: TensorSlot) -> torch.Tensor:

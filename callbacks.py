@@ -61,7 +61,6 @@ class SwapPlan:
         offload_device: torch.device,
     ):
         self.config = config
-        self.choice = choice
         self.diffusion_model = diffusion_model
         self.engine = BlockSwapEngine(
             choice.units,
