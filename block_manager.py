@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .config import check_int
 from .utils import format_bytes
 
 log = logging.getLogger(__name__)
@@ -315,10 +316,7 @@ def choose_swapped_blocks(
     stream the resident blocks' compute time to catch up.
     """
     n = len(block_names)
-    if isinstance(blocks_to_swap, bool) or not isinstance(blocks_to_swap, int):
-        raise ValueError(f"{input_name} must be an integer between 0 and {n} (got {blocks_to_swap!r})")
-    if not 0 <= blocks_to_swap <= n:
-        raise ValueError(f"{input_name} must be between 0 and {n} for this model (got {blocks_to_swap})")
+    check_int(input_name, blocks_to_swap, 0, n, scope="for this model")
     if placement == "tail":
         return list(block_names[n - blocks_to_swap :])
     if placement == "spread":
@@ -391,8 +389,7 @@ class BlockSwapEngine:
             )
         for name in swap:
             by_name[name].swapped = True
-        if isinstance(prefetch_blocks, bool) or not isinstance(prefetch_blocks, int) or prefetch_blocks < 0:
-            raise ValueError(f"prefetch_blocks must be an integer >= 0 (got {prefetch_blocks!r})")
+        check_int("prefetch_blocks", prefetch_blocks, 0)
         if pinned_budget_bytes is not None and pinned_budget_bytes < 0:
             raise ValueError(f"pinned_budget_bytes must be >= 0 or None (got {pinned_budget_bytes})")
 

@@ -24,8 +24,9 @@ import torch
 
 from .block_manager import BlockSwapEngine
 from .config import SwapConfig
+from .quant.reader import is_gguf_weight
 from .utils import format_bytes
-from .wan_units import WanSwapChoice, plan_wan_swap
+from .wan.units import WanSwapChoice, plan_wan_swap
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,6 @@ def is_dynamic(patcher) -> bool:
     """ComfyUI 0.16+ dynamic VRAM: the patcher already streams weights per layer on demand."""
     check = getattr(patcher, "is_dynamic", None)
     return bool(callable(check) and check())
-
-
-def is_quantized_param(t: torch.Tensor) -> bool:
-    """GGUF weights (ComfyUI-GGUF's GGMLTensor, our GGUFWeight): quant type + LoRA list on the tensor."""
-    return hasattr(t, "tensor_type") and hasattr(t, "patches")
 
 
 class SwapPlan:
@@ -137,7 +133,7 @@ class SwapPlan:
         self._install_lora(patcher)
         if self.config.block_swap_debug and not self._logged_plan:
             self._logged_plan = True
-            if any(is_quantized_param(t) for unit in self.engine.swapped_units for *_, t in unit.tensors()):
+            if any(is_gguf_weight(t) for unit in self.engine.swapped_units for *_, t in unit.tensors()):
                 log.info("[BlockSwap] GGUF model detected: swapped blocks move as quantized bytes")
         try:
             self.engine.attach()
@@ -164,7 +160,7 @@ class SwapPlan:
             if key not in patches:
                 continue
             tensor = getattr(module, attr)
-            if is_quantized_param(tensor):
+            if is_gguf_weight(tensor):
                 tensor.patches = [(patches[key], key)]  # GGUF layers apply these after dequantizing
                 self._functions_set.append((module, attr))
             elif attr in ("weight", "bias") and hasattr(module, f"{attr}_function"):
@@ -174,7 +170,7 @@ class SwapPlan:
     def _remove_lora(self) -> None:
         for module, attr in self._functions_set:
             tensor = getattr(module, attr)
-            if is_quantized_param(tensor):
+            if is_gguf_weight(tensor):
                 tensor.patches = []
             else:
                 setattr(module, f"{attr}_function", [])
@@ -290,7 +286,7 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
 
 def apply_block_swap(model, config: SwapConfig):
     """The node's work: a clone of `model` that streams the configured blocks. `model` is unchanged."""
-    from .wan_units import is_wan_model, vace_blocks
+    from .wan.units import is_wan_model, vace_blocks
 
     if is_dynamic(model):
         if not config.override_dynamic_vram:

@@ -13,16 +13,30 @@ MAX_VACE_BLOCKS = 32
 MAX_PREFETCH = 8
 
 
-def _check_int(name: str, value: object, low: int, high: int) -> None:
+def check_int(name: str, value: object, low: int, high: int | None = None, scope: str = "") -> int:
+    """`value` as an int in [low, high] (no upper bound when high is None), or a ValueError naming the
+    input and its range. `scope` ends the range ("for this model")."""
+    span = f"between {low} and {high}" if high is not None else f"an integer >= {low}"
+    scope = f" {scope}" if scope else ""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer between {low} and {high} (got {value!r})")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high} (got {value})")
+        kind = "an integer " if high is not None else ""
+        raise ValueError(f"{name} must be {kind}{span}{scope} (got {value!r})")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {span}{scope} (got {value})")
+    return value
 
 
-def _check_bool(name: str, value: object) -> None:
+def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false (got {value!r})")
+    return value
+
+
+def check_choice(name: str, value: object, choices) -> str:
+    """`value` if it is one of `choices`, else a ValueError listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +53,9 @@ class SwapConfig:
     override_dynamic_vram: bool = False
 
     def __post_init__(self):
-        _check_int("blocks_to_swap", self.blocks_to_swap, 0, MAX_BLOCKS)
-        _check_int("vace_blocks_to_swap", self.vace_blocks_to_swap, 0, MAX_VACE_BLOCKS)
-        _check_int("prefetch_blocks", self.prefetch_blocks, 0, MAX_PREFETCH)
+        check_int("blocks_to_swap", self.blocks_to_swap, 0, MAX_BLOCKS)
+        check_int("vace_blocks_to_swap", self.vace_blocks_to_swap, 0, MAX_VACE_BLOCKS)
+        check_int("prefetch_blocks", self.prefetch_blocks, 0, MAX_PREFETCH)
         for name in (
             "offload_txt_emb",
             "offload_img_emb",
@@ -49,7 +63,7 @@ class SwapConfig:
             "block_swap_debug",
             "override_dynamic_vram",
         ):
-            _check_bool(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
 
     def fitted_to(self, num_blocks: int, num_vace_blocks: int) -> SwapConfig:
         """Clamp block counts to what the model has, with one warning per clamp."""

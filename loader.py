@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 
@@ -24,20 +23,21 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.utils
 import folder_paths
+import safetensors
 import torch
 
-from .gguf_loader import GGUFWeight, load_gguf_state_dict
-from .gguf_ops import GGUFOps, load_progress
-from .wan_detect import WanChoice, detect_wan, logical_shapes, resolve_choice
+from .config import check_choice
+from .quant.ops import GGUFOps, load_progress
+from .quant.reader import is_gguf_weight, load_gguf_state_dict
+from .utils import FLOAT_DTYPES, FP8_DTYPES
+from .wan.detect import WanChoice, detect_wan, logical_shapes, resolve_choice
 
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("safetensors", "gguf")
-FP8_OPTIMIZATIONS = ("disabled", "e4m3fn", "e5m2")
-WEIGHT_DTYPES = ("auto", "fp16", "bf16", "fp32")
+FP8_OPTIMIZATIONS = ("disabled", *FP8_DTYPES)
+WEIGHT_DTYPES = ("auto", *FLOAT_DTYPES)
 
-FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 EXTENSIONS = {"safetensors": (".safetensors", ".sft"), "gguf": (".gguf",)}
 
 DIFFUSION_FOLDER = "diffusion_models"
@@ -96,8 +96,7 @@ def resolve_model_path(model_type: str, name: str) -> str:
     Raises ValueError for a missing choice, a wrong extension or a name that leads outside the folders
     ("../x", absolute paths), FileNotFoundError when no folder holds the file.
     """
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)} (got {model_type!r})")
+    check_choice("model_type", model_type, MODEL_TYPES)
     input_name = f"{model_type}_model"
     if not name or name == NO_MODEL:
         raise ValueError(
@@ -127,34 +126,33 @@ def resolve_model_path(model_type: str, name: str) -> str:
 
 
 def read_safetensors_header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(name -> shape, metadata) from a safetensors header, after checking that the file is complete.
+    """(name -> shape, metadata) from a safetensors header, read by the ``safetensors`` library.
 
-    Reads only the header. Raises ValueError for files that are not safetensors or are truncated.
+    Reads only the header (the library memory-maps the file and checks that its tensors cover the data
+    exactly). Raises ValueError naming the file for files that are not safetensors or are truncated.
     """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{path} is not a safetensors file ({size} bytes)")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len <= 1 or 8 + header_len > size:
-            raise ValueError(
-                f"{path} is truncated or not a safetensors file: it announces a {header_len}-byte header "
-                f"but has {size} bytes"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-            metadata = header.pop("__metadata__", None) or {}
-            shapes, end = {}, 0
-            for name, info in header.items():
-                shapes[name] = tuple(int(s) for s in info["shape"])
-                end = max(end, int(info["data_offsets"][1]))
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise ValueError(f"{path} is not a safetensors file (bad header: {exc})") from exc
-    if 8 + header_len + end > size:
+    if len(prefix) < 8:
+        raise ValueError(f"{path} is not a safetensors file ({size} bytes)")
+    header_len = int.from_bytes(prefix, "little")
+    if header_len <= 1 or 8 + header_len > size:
+        # Checked before the library sees the file: a length that lies must not become an allocation.
         raise ValueError(
-            f"{path} is truncated: its tensors need {8 + header_len + end} bytes, the file has {size}"
+            f"{path} is truncated or not a safetensors file: it announces a {header_len}-byte header "
+            f"but has {size} bytes"
         )
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except safetensors.SafetensorError as exc:
+        if "not fully covered" in str(exc):
+            raise ValueError(
+                f"{path} is truncated or damaged: its tensors do not cover its {size} bytes ({exc})"
+            ) from exc
+        raise ValueError(f"{path} is not a safetensors file (bad header: {exc})") from exc
     return shapes, metadata
 
 
@@ -165,13 +163,9 @@ def safetensors_model_options(fp8_optimization: str, weight_dtype: str) -> tuple
     compute dtype. fp8 off: weight_dtype is the storage dtype and ComfyUI picks the compute dtype.
     "auto" leaves the choice to ComfyUI.
     """
-    if fp8_optimization not in FP8_OPTIMIZATIONS:
-        raise ValueError(
-            f"fp8_optimization must be one of {', '.join(FP8_OPTIMIZATIONS)} (got {fp8_optimization!r})"
-        )
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)} (got {weight_dtype!r})")
-    chosen = TORCH_DTYPES.get(weight_dtype)
+    check_choice("fp8_optimization", fp8_optimization, FP8_OPTIMIZATIONS)
+    check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES)
+    chosen = FLOAT_DTYPES.get(weight_dtype)
     if fp8_optimization != "disabled":
         return {"dtype": FP8_DTYPES[fp8_optimization]}, chosen
     return ({"dtype": chosen} if chosen is not None else {}), None
@@ -236,7 +230,7 @@ def _dtype_name(dtype) -> str:
 def _gguf_params(model: torch.nn.Module):
     for module in model.modules():
         for param in module._parameters.values():
-            if isinstance(param, GGUFWeight):
+            if is_gguf_weight(param):
                 yield param
 
 
@@ -251,7 +245,7 @@ class WanGGUFModelPatcher(comfy.model_patcher.ModelPatcher):
 
     def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
         weight = comfy.utils.get_attr(self.model, key)
-        if not isinstance(weight, GGUFWeight):
+        if not is_gguf_weight(weight):
             return super().patch_weight_to_device(key, device_to, *args, **kwargs)
         # ComfyUI 0.16+: (key, device_to, inplace_update, return_weight, force_cast).
         return_weight = kwargs.get("return_weight", args[1] if len(args) > 1 else False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import loader
 from .callbacks import apply_block_swap
 from .config import MAX_BLOCKS, MAX_PREFETCH, MAX_VACE_BLOCKS, SwapConfig
-from .wan_detect import MODEL_VARIANTS, WAN_VERSIONS
+from .wan.detect import MODEL_VARIANTS, WAN_VERSIONS
 
 CATEGORY = "ComfyUI_Wan22Blockswap"
 

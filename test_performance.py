@@ -9,7 +9,7 @@ Each configuration runs the same forward passes ("steps") as a model with every 
 reports VRAM, RAM, step time, bytes moved per step, copy bandwidth and how long compute waited for
 copies. Results go to a JSON file (default block_swap_performance_results.json).
 
-The model is a WAN-shaped transformer in plain torch (synthetic_model.py): the real block
+The model is a WAN-shaped transformer in plain torch (bench/synthetic_model.py): the real block
 architecture and parameter shapes with random weights, or the weights of a WAN .safetensors file. It
 runs the same work per block as WAN, so memory and timing behave like the real model; its outputs are
 not WAN's (no RoPE, simplified time embedding).
@@ -50,7 +50,7 @@ NO_GPU = "n/a (no GPU)"
 
 def load_package():
     """Import this repository as the package `wan22_blockswap` (its modules use relative imports)."""
-    if PACKAGE in sys.modules and hasattr(sys.modules[PACKAGE], "synthetic_model"):
+    if PACKAGE in sys.modules and hasattr(sys.modules[PACKAGE], "bench"):
         return sys.modules[PACKAGE]
     spec = importlib.util.spec_from_file_location(
         PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
@@ -58,7 +58,7 @@ def load_package():
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = module
     spec.loader.exec_module(module)
-    for name in ("utils", "block_manager", "wan_units", "wan_detect", "synthetic_model"):
+    for name in ("utils", "block_manager", "wan.units", "wan.detect", "bench.synthetic_model"):
         importlib.import_module(f"{PACKAGE}.{name}")
     return module
 
@@ -188,7 +188,7 @@ def tokens_for_video(preset: str, width: int, height: int, frames: int) -> int:
 
 
 def load_model(workload: Workload, pkg):
-    sm = pkg.synthetic_model
+    sm = pkg.bench.synthetic_model
     if workload.model_path is None:
         return sm.build_model(
             workload.preset,
@@ -204,7 +204,7 @@ def load_model(workload: Workload, pkg):
 def shape_from_state_dict(keys_and_shapes: dict[str, tuple[int, ...]], pkg):
     """WAN block shapes from ComfyUI-named weights, via the loader's own detection (wan_detect)."""
     try:
-        detection = pkg.wan_detect.detect_wan(keys_and_shapes)
+        detection = pkg.wan.detect.detect_wan(keys_and_shapes)
         ffn = keys_and_shapes["blocks.0.ffn.0.weight"][0]
         text_dim = keys_and_shapes["text_embedding.0.weight"][1]
     except (ValueError, KeyError) as e:
@@ -213,7 +213,7 @@ def shape_from_state_dict(keys_and_shapes: dict[str, tuple[int, ...]], pkg):
         raise SystemExit(
             f"--model-path: {detection.describe()}; this benchmark's model covers t2v, i2v and VACE files"
         )
-    shape = pkg.synthetic_model.WanShape(
+    shape = pkg.bench.synthetic_model.WanShape(
         dim=detection.dim,
         ffn_dim=ffn,
         num_heads=max(1, detection.dim // 128),  # head dim is 128 in every released WAN
@@ -235,7 +235,7 @@ def load_safetensors_model(path: Path, workload: Workload, pkg):
         )
     from safetensors import safe_open
 
-    sm = pkg.synthetic_model
+    sm = pkg.bench.synthetic_model
     with safe_open(str(path), framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         shape, variant = shape_from_state_dict(shapes, pkg)
@@ -282,10 +282,10 @@ def plain_pinned_copy_gbps(device: torch.device, nbytes: int, repeats: int = 5) 
 
 def memory_snapshot(device: torch.device, pkg) -> dict[str, object]:
     utils = pkg.utils
-    snap: dict[str, object] = {"cpu_rss_mb": round(utils.process_rss() / 2**20, 1)}
+    snap: dict[str, object] = {"cpu_rss_mb": utils.mib(utils.process_rss())}
     if device.type == "cuda":
         for key, value in utils.cuda_memory(device).items():
-            snap[f"gpu_{key}_mb"] = round(value / 2**20, 1)
+            snap[f"gpu_{key}_mb"] = utils.mib(value)
     else:
         for key in ("allocated", "reserved", "peak_allocated", "peak_reserved"):
             snap[f"gpu_{key}_mb"] = NO_GPU
@@ -331,7 +331,7 @@ def run_config(
     pkg,
     progress: Progress,
 ) -> dict[str, object]:
-    bm, wu, sm = pkg.block_manager, pkg.wan_units, pkg.synthetic_model
+    bm, wu, sm, utils = pkg.block_manager, pkg.wan.units, pkg.bench.synthetic_model, pkg.utils
     device = workload.device
     choice = wu.plan_wan_swap(model, blocks_to_swap, placement=placement)
     engine = bm.BlockSwapEngine(
@@ -392,10 +392,10 @@ def run_config(
         "h2d_effective_gbps": round(moved / step_time / 1e9, 2) if moved else 0.0,
         "copy_gbps": None,
         "stall_ms_per_step": None,
-        "pinned_mb": round(pinned / 2**20, 1),
-        "slot_mb": round(engine.slot_bytes() / 2**20, 1) if blocks_to_swap else 0.0,
-        "resident_weights_mb": round(engine.resident_bytes() / 2**20, 1),
-        "swapped_weights_mb": round(engine.swapped_bytes() / 2**20, 1),
+        "pinned_mb": utils.mib(pinned),
+        "slot_mb": utils.mib(engine.slot_bytes()) if blocks_to_swap else 0.0,
+        "resident_weights_mb": utils.mib(engine.resident_bytes()),
+        "swapped_weights_mb": utils.mib(engine.swapped_bytes()),
         "on_demand_copies_per_step": counters.misses / steps,
         "memory": {
             **{f"steady_{k}": v for k, v in steady.items() if "peak" not in k},
@@ -465,7 +465,7 @@ def format_table(doc: dict[str, object]) -> str:
         for key, _, unit in columns:
             value = r.get(key)
             if key == "bytes_moved_per_step":
-                value = round(value / 2**20, 1)
+                value = load_package().utils.mib(value)
             if key == "gpu_savings_mb" and value is None and doc["machine"]["gpu"] is None:
                 value = NO_GPU
             if r.get("mode") != "blockswap" and key == "prefetch_blocks":
@@ -513,9 +513,7 @@ def resolve_workload(args, parser) -> Workload:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
     preset = args.preset or "1.3b"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    ]
+    dtype = load_package().utils.FLOAT_DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.tokens and args.resolution:
         parser.error("give either --tokens or --resolution/--frames, not both")
     if args.resolution:
@@ -527,7 +525,7 @@ def resolve_workload(args, parser) -> Workload:
 
 
 def pkg_shapes():
-    return load_package().synthetic_model.PRESETS
+    return load_package().bench.synthetic_model.PRESETS
 
 
 def swap_counts(args, layers: int) -> list[int]:
@@ -557,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(workload, pkg)
     model_load_s = time.perf_counter() - load_start
     counts = swap_counts(args, workload.layers)
-    unit_names = {name.split(".")[0] for name, _ in pkg.wan_units.execution_order(model)}
+    unit_names = {name.split(".")[0] for name, _ in pkg.wan.units.execution_order(model)}
     place_non_units(model, workload.device, unit_names)
 
     largest_block = max(sum(t.numel() * t.element_size() for t in b.parameters()) for b in model.blocks)
@@ -633,7 +631,7 @@ def run_native_comparison(model, workload: Workload, args) -> dict[str, object]:
         )
         print(message, file=sys.stderr)
         return {"skipped": message}
-    native = importlib.import_module(f"{PACKAGE}.native_benchmark")
+    native = importlib.import_module(f"{PACKAGE}.bench.native")
     return native.run(model, workload)
 
 

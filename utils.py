@@ -10,9 +10,19 @@ import torch
 
 MIB = 2**20
 
+# The dtype names the nodes and the benchmark accept, and what they mean.
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
 
 def format_bytes(n: int | float) -> str:
+    """Bytes for a log line or a table: "93.0 MiB", "1.37 GiB"."""
     return f"{n / MIB:.1f} MiB" if abs(n) < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def mib(n: int | float | None) -> float | None:
+    """Bytes as MiB rounded to 0.1, for JSON results (None stays None)."""
+    return round(n / MIB, 1) if n is not None else None
 
 
 def process_rss() -> int:

@@ -39,8 +39,6 @@ HOME = Path.home()
 DEFAULT_COMFYUI = os.environ.get("WAN22_COMFYUI") or str(HOME / "comfy-hosts" / "0.8.1")
 DEFAULT_COMFYUI_GGUF = str(HOME / "comfy-hosts" / "ComfyUI-GGUF")
 TARGET_RATIO = 1.2
-GIB = 2**30
-MIB = 2**20
 
 
 def load_package():
@@ -54,7 +52,7 @@ def load_package():
 
 
 def fmt(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / MIB:.1f} MiB"
+    return load_package().utils.format_bytes(n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,8 +148,8 @@ def write_test_file(path: Path, preset: str, qtype_name: str) -> dict[str, objec
     from gguf import GGMLQuantizationType
 
     load_package()
-    from wan22_blockswap import synthetic_model
-    from wan22_blockswap.gguf_loader import write_gguf_for_tests
+    from wan22_blockswap.bench import synthetic_model
+    from wan22_blockswap.bench.gguf_writer import write_wan_gguf
 
     shape = synthetic_model.PRESETS[preset]
     with torch.device("meta"):
@@ -159,7 +157,7 @@ def write_test_file(path: Path, preset: str, qtype_name: str) -> dict[str, objec
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     qtype = GGMLQuantizationType[qtype_name]
     start = time.perf_counter()
-    written = write_gguf_for_tests(path, LazyWeights(shapes), lambda name, tensor: qtype)
+    written = write_wan_gguf(path, LazyWeights(shapes), lambda name, tensor: qtype)
     seconds = time.perf_counter() - start
     counts: dict[str, int] = {}
     for t in written.values():
@@ -203,7 +201,7 @@ def child_load(args) -> dict[str, object]:
 
     load_package()
     from wan22_blockswap import nodes
-    from wan22_blockswap.gguf_loader import GGUFWeight
+    from wan22_blockswap.quant.reader import GGUFWeight
 
     city_nodes = city_dequant = None
     if args.child == "comfyui-gguf":
@@ -312,7 +310,7 @@ def dequant_throughput(args) -> list[dict[str, object]]:
     from gguf import GGMLQuantizationType
 
     load_package()
-    from wan22_blockswap.gguf_dequant import dequantize
+    from wan22_blockswap.quant.dequant import dequantize
 
     city = None
     if Path(args.comfyui_gguf, "dequant.py").is_file():

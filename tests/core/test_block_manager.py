@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from wan22_blockswap import block_manager as bm
-from wan22_blockswap import synthetic_model as sm
-from wan22_blockswap import wan_units as wu
+from wan22_blockswap.bench import synthetic_model as sm
+from wan22_blockswap.wan import units as wu
 
 
 def make_engine(model, blocks_to_swap, prefetch=0, **kwargs):

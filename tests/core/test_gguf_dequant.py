@@ -7,7 +7,7 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
-from wan22_blockswap import gguf_dequant
+from wan22_blockswap.quant import dequant as gguf_dequant
 
 T = GGMLQuantizationType
 NUMPY_WRITABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]

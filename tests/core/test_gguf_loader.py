@@ -11,8 +11,9 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from wan22_blockswap import gguf_loader
-from wan22_blockswap.gguf_loader import GGUFWeight, load_gguf_state_dict, write_gguf_for_tests
+from wan22_blockswap.bench.gguf_writer import write_wan_gguf
+from wan22_blockswap.quant import reader as gguf_loader
+from wan22_blockswap.quant.reader import GGUFWeight, load_gguf_state_dict
 
 T = GGMLQuantizationType
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -83,7 +84,7 @@ WAN_QTYPES = {
 def wan_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "wan_tiny.gguf"
     sd = _wan_state_dict()
-    written = write_gguf_for_tests(path, sd, WAN_QTYPES, metadata={"wan.test_marker": "tiny"})
+    written = write_wan_gguf(path, sd, WAN_QTYPES, metadata={"wan.test_marker": "tiny"})
     return path, sd, written
 
 
@@ -301,7 +302,7 @@ def test_k_quant_weights_written_as_raw_bytes_load_back(tmp_path):
             torch.from_numpy(raw), tensor_type=qtype, tensor_shape=(2, block_size)
         )
     path = tmp_path / "kquants.gguf"
-    write_gguf_for_tests(path, tensors, {})
+    write_wan_gguf(path, tensors, {})
     loaded, _ = load_gguf_state_dict(path)
     for name, w in tensors.items():
         got = loaded[name]
@@ -314,7 +315,7 @@ def test_k_quant_weights_written_as_raw_bytes_load_back(tmp_path):
 def test_callable_qtype_policy_is_used(tmp_path):
     sd = {"blocks.0.ffn.0.weight": torch.randn(8, 64), "blocks.0.ffn.0.bias": torch.randn(8)}
     path = tmp_path / "policy.gguf"
-    written = write_gguf_for_tests(path, sd, lambda name, t: T.Q5_0)
+    written = write_wan_gguf(path, sd, lambda name, t: T.Q5_0)
     assert written == {"blocks.0.ffn.0.weight": T.Q5_0, "blocks.0.ffn.0.bias": T.F32}
     loaded, _ = load_gguf_state_dict(path)
     assert loaded["blocks.0.ffn.0.weight"].tensor_type == T.Q5_0
@@ -322,7 +323,7 @@ def test_callable_qtype_policy_is_used(tmp_path):
 
 def test_writer_refuses_types_numpy_cannot_quantize(tmp_path):
     with pytest.raises(ValueError, match="Q4_K"):
-        write_gguf_for_tests(
+        write_wan_gguf(
             tmp_path / "k.gguf",
             {"blocks.0.ffn.0.weight": torch.randn(4, 256)},
             {"blocks.0.ffn.0.weight": T.Q4_K},
@@ -334,7 +335,7 @@ def test_writer_refuses_types_numpy_cannot_quantize(tmp_path):
 
 def test_other_architecture_is_rejected_naming_file_and_architecture(tmp_path):
     path = tmp_path / "llm.gguf"
-    write_gguf_for_tests(path, {"blk.0.attn_q.weight": torch.randn(4, 32)}, {}, arch="llama")
+    write_wan_gguf(path, {"blk.0.attn_q.weight": torch.randn(4, 32)}, {}, arch="llama")
     with pytest.raises(ValueError, match=r"llm\.gguf.*'llama'"):
         load_gguf_state_dict(path)
 
@@ -344,7 +345,7 @@ def test_unsupported_quant_type_is_rejected_naming_tensor_and_type(tmp_path):
     raw = torch.randint(0, 256, (2, type_size), dtype=torch.uint8)
     iq = GGUFWeight(raw, tensor_type=T.IQ4_NL, tensor_shape=(2, block_size))
     path = tmp_path / "iq.gguf"
-    write_gguf_for_tests(path, {"blocks.0.ffn.2.weight": iq, "head.head.weight": torch.randn(4, 32)}, {})
+    write_wan_gguf(path, {"blocks.0.ffn.2.weight": iq, "head.head.weight": torch.randn(4, 32)}, {})
     with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.2\.weight.*IQ4_NL"):
         load_gguf_state_dict(path)
 

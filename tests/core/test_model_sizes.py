@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from wan22_blockswap import synthetic_model as sm
+from wan22_blockswap.bench import synthetic_model as sm
 
 
 def param_count(module):

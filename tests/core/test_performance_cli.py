@@ -66,7 +66,7 @@ def test_json_only_prints_just_the_document(tmp_path, capsys):
 def test_model_path_reads_a_wan_safetensors_file(tmp_path):
     from safetensors.torch import save_file
 
-    from wan22_blockswap import synthetic_model as sm
+    from wan22_blockswap.bench import synthetic_model as sm
 
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in sm.build_model("tiny", "i2v").state_dict().items()}, str(path))

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from wan22_blockswap import synthetic_model
-from wan22_blockswap.wan_detect import (
+from wan22_blockswap.bench import synthetic_model
+from wan22_blockswap.wan.detect import (
     MODEL_VARIANTS,
     detect_wan,
     logical_shapes,

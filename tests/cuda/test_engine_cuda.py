@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from wan22_blockswap import block_manager as bm
-from wan22_blockswap import synthetic_model as sm
-from wan22_blockswap import wan_units as wu
+from wan22_blockswap.bench import synthetic_model as sm
+from wan22_blockswap.wan import units as wu
 
 pytestmark = [
     pytest.mark.cuda,

@@ -14,7 +14,8 @@ import comfy.sd
 import torch
 from safetensors.torch import save_file
 
-from wan22_blockswap import callbacks, synthetic_model
+from wan22_blockswap import callbacks
+from wan22_blockswap.bench import synthetic_model
 
 TEXT_DIM = 4096
 # Variants built from our synthetic model (real ComfyUI key names), and the extra trigger keys that

@@ -18,7 +18,8 @@ from gguf import GGMLQuantizationType as T
 from safetensors.torch import save_file
 
 from wan22_blockswap import callbacks, loader, nodes
-from wan22_blockswap.gguf_loader import GGUFWeight, load_gguf_state_dict, write_gguf_for_tests
+from wan22_blockswap.bench.gguf_writer import write_wan_gguf
+from wan22_blockswap.quant.reader import GGUFWeight, load_gguf_state_dict
 
 from .comfy_helpers import checkpoint_state_dict, sample, write_checkpoint
 
@@ -126,7 +127,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_files")
     out = {v: write_checkpoint(root, v) for v in ("t2v", "vace", "5b")}
     gguf_path = root / "tiny_wan_t2v.gguf"
-    written = write_gguf_for_tests(gguf_path, checkpoint_state_dict("t2v"), qtype_for)
+    written = write_wan_gguf(gguf_path, checkpoint_state_dict("t2v"), qtype_for)
     assert {T.Q8_0, T.Q4_0, T.Q5_1, T.F16, T.BF16, T.F32} <= set(written.values())
     out["gguf"] = gguf_path
     # The same weights after GGUF rounding, as float32 safetensors: what the GGUF model must compute.
@@ -361,7 +362,7 @@ def test_a_gguf_layer_applies_its_lora_once_however_comfyui_attaches_it(model_di
     import comfy.lora
     import comfy.model_patcher
 
-    from wan22_blockswap.gguf_ops import cast_gguf_bias_weight
+    from wan22_blockswap.quant.ops import cast_gguf_bias_weight
 
     (name,) = place(model_dir, files["gguf"])
     model = load_node("gguf", gguf_model=name)
@@ -458,7 +459,7 @@ def test_bad_files_get_clear_errors_before_anything_is_built(model_dir, files, m
     (model_dir / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     save_file({"input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, str(model_dir / "sd15.safetensors"))
     sd = checkpoint_state_dict("t2v")
-    write_gguf_for_tests(model_dir / "llama.gguf", sd, qtype_for, arch="llama")
+    write_wan_gguf(model_dir / "llama.gguf", sd, qtype_for, arch="llama")
     (model_dir / "empty.gguf").write_bytes(b"")
     gguf_data = files["gguf"].read_bytes()
     (model_dir / "cut.gguf").write_bytes(gguf_data[: len(gguf_data) // 2])
@@ -467,10 +468,13 @@ def test_bad_files_get_clear_errors_before_anything_is_built(model_dir, files, m
     weight = odd["blocks.1.ffn.0.weight"]
     raw = torch.zeros(weight.shape[0], weight.shape[1] // 32 * 18, dtype=torch.uint8)  # IQ4_NL: 18 B / 32
     odd["blocks.1.ffn.0.weight"] = GGUFWeight(raw, tensor_type=T.IQ4_NL, tensor_shape=weight.shape)
-    write_gguf_for_tests(model_dir / "iq4.gguf", odd, qtype_for)
+    write_wan_gguf(model_dir / "iq4.gguf", odd, qtype_for)
     _refuse_loading(monkeypatch)
 
-    with pytest.raises(ValueError, match=r"truncated\.safetensors is truncated: its tensors need \d+ bytes"):
+    with pytest.raises(
+        ValueError,
+        match=r"truncated\.safetensors is truncated or damaged: its tensors do not cover its \d+ bytes",
+    ):
         load_node("safetensors", "truncated.safetensors")
     with pytest.raises(ValueError, match="tiny_header.safetensors is truncated or not a safetensors file"):
         load_node("safetensors", "tiny_header.safetensors")

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from ..utils import mib
+
 log = logging.getLogger(__name__)
 
 LATENT_HEIGHT, LATENT_WIDTH = 60, 104  # 480x832 video: 30 x 52 = 1560 tokens per latent frame
@@ -44,8 +46,8 @@ def run(model, workload) -> dict[str, object]:
     import comfy.model_management as mm
     import comfy.sd
 
-    from .callbacks import apply_block_swap, plan_of
-    from .config import SwapConfig
+    from ..callbacks import apply_block_swap, plan_of
+    from ..config import SwapConfig
 
     device = mm.get_torch_device()
     patcher = comfy.sd.load_diffusion_model_state_dict(
@@ -88,8 +90,8 @@ def run(model, workload) -> dict[str, object]:
             swapped.cleanup()
         row.update(
             blockswap_step_s=round(statistics.median(times), 4),
-            blockswap_peak_mb=_mb(peak),
-            weight_budget_mb=_mb(budget),
+            blockswap_peak_mb=mib(peak),
+            weight_budget_mb=mib(budget),
         )
         mm.unload_all_models()
         # Give the slabs back (unpinned, owned by the weights again) before ComfyUI loads its way.
@@ -102,16 +104,12 @@ def run(model, workload) -> dict[str, object]:
             times, peak = _timed_steps(diffusion_model, inputs, workload.steps, device)
         finally:
             native.detach()
-        row.update(native_step_s=round(statistics.median(times), 4), native_peak_mb=_mb(peak))
+        row.update(native_step_s=round(statistics.median(times), 4), native_peak_mb=mib(peak))
         row["blockswap_vs_native"] = round(row["blockswap_step_s"] / row["native_step_s"], 3)
         rows.append(row)
         log.info("[BlockSwap] native comparison: %s", row)
     mm.unload_all_models()
     return {"comfyui_version": _comfyui_version(), "device": str(device), "rows": rows}
-
-
-def _mb(n: int | None) -> float | None:
-    return round(n / 2**20, 1) if n is not None else None
 
 
 def _comfyui_version() -> str | None:

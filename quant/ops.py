@@ -22,7 +22,7 @@ import comfy.ops
 import torch
 import torch.nn.functional as F
 
-from .gguf_loader import GGUFWeight
+from .reader import is_gguf_weight
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ def _tick() -> None:
 
 
 def has_gguf_weights(module: torch.nn.Module) -> bool:
-    return isinstance(getattr(module, "weight", None), GGUFWeight) or isinstance(
-        getattr(module, "bias", None), GGUFWeight
-    )
+    return is_gguf_weight(getattr(module, "weight", None)) or is_gguf_weight(getattr(module, "bias", None))
 
 
 def _materialize(
@@ -70,7 +68,7 @@ def _materialize(
     non_blocking: bool,
 ) -> torch.Tensor:
     """``tensor`` as a float tensor of ``dtype`` on ``device``, with its LoRA patches and weight functions."""
-    if isinstance(tensor, GGUFWeight):
+    if is_gguf_weight(tensor):
         raw = tensor.to(device, non_blocking=non_blocking)  # the bytes, moved as bytes
         patches = tensor.patches
         if patches:
@@ -131,7 +129,7 @@ class GGUFLayer:
         quantized = {}
         for name in ("weight", "bias"):
             value = state_dict.get(prefix + name)
-            if isinstance(value, GGUFWeight):
+            if is_gguf_weight(value):
                 quantized[name] = value
         if not quantized:
             super()._load_from_state_dict(

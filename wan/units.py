@@ -11,7 +11,7 @@ import dataclasses
 
 from torch import nn
 
-from .block_manager import choose_swapped_blocks
+from ..block_manager import choose_swapped_blocks
 
 
 def is_wan_model(diffusion_model: object) -> bool:

@@ -24,6 +24,8 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+from ..config import check_choice
+
 WAN_VERSIONS = ("auto", "2.1", "2.2")
 MODEL_VARIANTS = ("auto", "t2v", "i2v", "vace", "camera", "s2v", "humo", "animate")
 
@@ -244,10 +246,8 @@ def resolve_choice(
     "auto" takes what the weights say. A choice the weights allow changes nothing; one they rule out raises
     ValueError naming the choice and what the weights say.
     """
-    if wan_version not in WAN_VERSIONS:
-        raise ValueError(f"wan_version must be one of {', '.join(WAN_VERSIONS)} (got {wan_version!r})")
-    if model_variant not in MODEL_VARIANTS:
-        raise ValueError(f"model_variant must be one of {', '.join(MODEL_VARIANTS)} (got {model_variant!r})")
+    check_choice("wan_version", wan_version, WAN_VERSIONS)
+    check_choice("model_variant", model_variant, MODEL_VARIANTS)
     notes: list[str] = []
     d = detection
 
