@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .config import check_int
+from .config import check_choice, check_int
 from .utils import format_bytes
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def _set_tensor(owner: nn.Module, attr: str, is_param: bool, value: torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorSlot:
+class TensorSpec:
     """Where one parameter or buffer of a unit lives inside its slab (and inside any device slot)."""
 
     owner: nn.Module
@@ -100,15 +100,11 @@ class SwapUnit:
     name: str
     module: nn.Module
     swapped: bool
-    layout: list[TensorSlot] = dataclasses.field(default_factory=list)
+    layout: list[TensorSpec] = dataclasses.field(default_factory=list)
     nbytes: int = 0  # slab size including alignment padding
     slab: torch.Tensor | None = None  # uint8 host buffer, built on first attach
     slab_views: list[torch.Tensor] = dataclasses.field(default_factory=list)
     slab_pinned: bool = False
-    # Where the unit's tensors were before the engine first touched them (restored by detach).
-    home_device: torch.device | None = None
-    # Resident units moved by attach(): the original tensors, so detach restores them without a copy.
-    originals: list[tuple[nn.Module, str, bool, torch.Tensor]] | None = None
 
     def tensors(self) -> Iterator[tuple[nn.Module, str, bool, torch.Tensor]]:
         """Every parameter and buffer of the unit, once each, with its owning module."""
@@ -165,7 +161,10 @@ class SyncTransport:
     """
 
     def start_copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Fill slot `slot` (dst) from src once compute has finished with the slot's previous contents."""
+        """Fill slot `slot` (dst) from src once compute has finished with the slot's previous contents.
+
+        Copies into one slot land in the order they were issued (one copy stream); copies into different
+        slots may land in any order."""
         dst.copy_(src)
 
     def wait_copied(self, slot: int) -> None:
@@ -326,26 +325,87 @@ def choose_swapped_blocks(
     raise ValueError(f"placement must be 'tail' or 'spread' (got {placement!r})")
 
 
-class _Slot:
-    __slots__ = ("index", "buffer", "unit", "fresh")
-
-    def __init__(self, index: int, buffer: torch.Tensor):
-        self.index = index
-        self.buffer = buffer
-        self.unit: SwapUnit | None = None
-        self.fresh = False  # filled by a copy and not yet seen by the unit-loaded callback
-
-
 class _Run:
-    """Everything that exists only while the engine is attached."""
+    """Everything that exists only while the engine is attached: the slot ring, hooks, transport.
 
-    def __init__(self, slots: list[_Slot], transport):
+    The ring: the swapped units run as one long sequence, pass after pass. Sequence number t is unit
+    `order[t % n]` and uses slot `t % num_slots`; while t computes, the copies for t+1 .. t+depth are in
+    flight. A unit that starts out of order (a VACE block running again for its next context, a block a
+    patch skipped, a pass cut short) moves the ring to the next sequence number that is that unit: its
+    slot is reused if it already holds the unit, else reloaded.
+    """
+
+    def __init__(self, slots: list[torch.Tensor], transport, num_units: int):
         self.slots = slots
         self.transport = transport
-        self.slot_of: dict[int, _Slot] = {}  # id(unit) -> slot holding it
-        self.views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (id(unit), slot) -> views
+        self.loaded = [-1] * len(slots)  # position (in execution order) of the unit each slot holds
+        self.fresh = [False] * len(slots)  # filled by a copy, not yet seen by the unit-loaded callback
+        self.next_seq = 0
+        self.bound_position = -1  # the unit inside its forward now (bound to a slot), -1 for none
+        self.bound_slot = -1
+        # Views of each unit's tensors into each slot, made on first use: the hooks allocate nothing after.
+        self.views: list[list[list[torch.Tensor] | None]] = [[None] * len(slots) for _ in range(num_units)]
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self.bound: set[int] = set()  # units currently bound to a slot (inside their forward)
+
+
+class _StandalonePlacement:
+    """The engine alone decides where weights live (plain torch use, the benchmark).
+
+    A run moves the resident units to the compute device and moves them back after it; swapped tensors
+    go back to the device they were on before the engine first touched them.
+    """
+
+    def __init__(self):
+        self.home: dict[SwapUnit, torch.device] = {}
+        self.moved: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
+
+    def remember_home(self, unit: SwapUnit, device: torch.device) -> None:
+        self.home.setdefault(unit, device)
+
+    def forget(self) -> None:
+        self.home.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.moved)
+
+    def before_run(self, engine: BlockSwapEngine) -> None:
+        for unit in engine.resident_units:
+            for owner, attr, is_param, t in unit.tensors():
+                if t.device != engine.compute_device:
+                    self.moved.append((owner, attr, is_param, plain_tensor(t)))
+                    _set_tensor(owner, attr, is_param, plain_tensor(t).to(engine.compute_device))
+
+    def after_run(self, engine: BlockSwapEngine) -> None:
+        for unit in engine.order:
+            home = self.home.get(unit)
+            if unit.slab is not None and home is not None and home != engine.offload_device:
+                for spec, view in zip(unit.layout, unit.slab_views, strict=True):
+                    _set_tensor(spec.owner, spec.attr, spec.is_param, view.to(home))
+        for owner, attr, is_param, original in self.moved:
+            _set_tensor(owner, attr, is_param, original)
+        self.moved = []
+
+
+class _HostPlacement:
+    """A host (ComfyUI) places the resident units; between runs a swapped tensor's home is its slab."""
+
+    active = False
+
+    def remember_home(self, unit: SwapUnit, device: torch.device) -> None:
+        pass
+
+    def forget(self) -> None:
+        pass
+
+    def before_run(self, engine: BlockSwapEngine) -> None:
+        pass
+
+    def after_run(self, engine: BlockSwapEngine) -> None:
+        pass
+
+
+PLACEMENTS = ("standalone", "host")
 
 
 class BlockSwapEngine:
@@ -357,8 +417,9 @@ class BlockSwapEngine:
     prefetch_blocks: 0 copies a unit when it starts (no overlap); N keeps copies N units ahead.
     use_non_blocking: pinned host slabs and asynchronous copies (needed for copy/compute overlap).
     pinned_budget_bytes: most host RAM to page-lock (None: a safe share of physical RAM).
-    move_resident: move resident units to the compute device on attach (and back on detach). An
-        integration whose host already placed them turns this off.
+    placement: "standalone" moves resident units to the compute device for each run (and back after)
+        and returns swapped tensors to their original device; "host" leaves resident units to the
+        host that placed them, and keeps swapped tensors in their slabs between runs.
     on_unit_loaded: called as fn(name, module) after a unit's bytes landed in a slot and before it
         runs, once per copy (e.g. to apply a LoRA to the slot, leaving the slab pristine).
     transport_factory: for tests: fn(num_slots) -> transport, replacing the built-in ones.
@@ -374,7 +435,7 @@ class BlockSwapEngine:
         use_non_blocking: bool = False,
         pinned_budget_bytes: int | None = None,
         debug: bool = False,
-        move_resident: bool = True,
+        placement: str = "standalone",
         on_unit_loaded: UnitLoadedCallback | None = None,
         transport_factory: Callable[[int], object] | None = None,
     ):
@@ -392,6 +453,7 @@ class BlockSwapEngine:
         check_int("prefetch_blocks", prefetch_blocks, 0)
         if pinned_budget_bytes is not None and pinned_budget_bytes < 0:
             raise ValueError(f"pinned_budget_bytes must be >= 0 or None (got {pinned_budget_bytes})")
+        check_choice("placement", placement, PLACEMENTS)
 
         self.compute_device = torch.device(compute_device)
         self.offload_device = torch.device(offload_device)
@@ -399,18 +461,14 @@ class BlockSwapEngine:
         self.use_non_blocking = use_non_blocking
         self.pinned_budget_bytes = pinned_budget_bytes
         self.debug = debug
-        self.move_resident = move_resident
+        self.placement = placement
+        self._placement = _StandalonePlacement() if placement == "standalone" else _HostPlacement()
         self.on_unit_loaded = on_unit_loaded
         self.transport_factory = transport_factory
 
-        # Execution order of the swapped units, and each one's position in it (for prefetch).
+        # The swapped units in execution order; the ring keeps copies `_depth` units ahead.
         self.order: list[SwapUnit] = [u for u in self.units if u.swapped]
-        self._position = {id(u): i for i, u in enumerate(self.order)}
-        # For each position: that unit and the ones prefetched behind it (wrapping into the next
-        # pass). Precomputed so the per-block hooks allocate nothing.
-        n, depth = len(self.order), min(prefetch_blocks, max(len(self.order) - 1, 0))
-        self._windows = [[self.order[(p + k) % n] for k in range(depth + 1)] for p in range(n)]
-        self._window_ids = [frozenset(id(u) for u in window) for window in self._windows]
+        self._depth = max(self.num_slots() - 1, 0)
         self.counters = SwapCounters()
         self.last_run: RunStats | None = None
         self._run: _Run | None = None
@@ -508,7 +566,7 @@ class BlockSwapEngine:
 
     def slot_buffers(self) -> list[torch.Tensor]:
         """The device slot buffers of the current run ([] when detached)."""
-        return [slot.buffer for slot in self._run.slots] if self._run is not None else []
+        return list(self._run.slots) if self._run is not None else []
 
     # -- attach / detach -----------------------------------------------------------------------
 
@@ -518,9 +576,8 @@ class BlockSwapEngine:
             log.debug("[BlockSwap] attach(): already attached, nothing to do")
             return
         try:
-            self._build_slabs()
-            if self.move_resident:
-                self._place_resident()
+            self._ensure_slabs()
+            self._placement.before_run(self)
             self._run = self._start_run()
             self._prime()
         except BaseException:
@@ -535,8 +592,8 @@ class BlockSwapEngine:
                 torch.cuda.reset_peak_memory_stats(self.compute_device)
 
     def detach(self) -> None:
-        """End a run: remove hooks, release slots, put every tensor back where it was. Idempotent."""
-        if self._run is None and not any(u.originals for u in self.units):
+        """End a run: remove hooks, release slots, put every tensor back where it belongs. Idempotent."""
+        if self._run is None and not self._placement.active:
             return
         run = self._run
         self._teardown()
@@ -564,7 +621,7 @@ class BlockSwapEngine:
         A host calls this at load time, so swapped units are in host RAM before anything could move
         them to the device. Cheap when the slabs are current.
         """
-        self._build_slabs()
+        self._ensure_slabs()
 
     def forget_slabs(self) -> None:
         """Give up the slabs (another plan takes over the module): detach, unpin, and leave the memory
@@ -572,7 +629,7 @@ class BlockSwapEngine:
         self.release()
         for unit in self.order:
             unit.slab, unit.slab_views, unit.layout, unit.nbytes = None, [], [], 0
-            unit.home_device = None
+        self._placement.forget()
 
     def _teardown(self) -> None:
         run, self._run = self._run, None
@@ -582,166 +639,156 @@ class BlockSwapEngine:
                 handle.remove()
             run.transport.finish()
             stats = run.transport.stats()
-        # Rebind every swapped tensor to its slab (a unit interrupted mid-forward is still bound
-        # to a slot), then put units whose home was another device back there.
+        # Every swapped tensor views its slab again (a unit interrupted mid-forward is still bound to a
+        # slot); then the placement puts tensors whose home is elsewhere back there.
         for unit in self.order:
             if unit.slab is not None:
                 self._bind(unit, unit.slab_views)
-                if unit.home_device is not None and unit.home_device != self.offload_device:
-                    for spec, view in zip(unit.layout, unit.slab_views, strict=True):
-                        _set_tensor(spec.owner, spec.attr, spec.is_param, view.to(unit.home_device))
-        for unit in self.units:
-            if unit.originals:
-                for owner, attr, is_param, original in unit.originals:
-                    _set_tensor(owner, attr, is_param, original)
-                unit.originals = None
+        self._placement.after_run(self)
         self.last_run = stats
 
     # -- slabs ---------------------------------------------------------------------------------
 
-    def _build_slabs(self) -> None:
-        """Copy each swapped unit into one contiguous host buffer and point its tensors at it.
-
-        First attach: every unit. Later attaches: only tensors that someone re-pointed since (for
-        example a host that replaced a weight); untouched units cost nothing.
-        """
+    def _ensure_slabs(self) -> None:
+        """Every swapped unit in its slab: built on first use, refreshed where a tensor was re-pointed
+        since (a host that replaced a weight); untouched units cost nothing."""
+        budget = self.pinned_budget_bytes if self.pinned_budget_bytes is not None else default_pinned_budget()
         pin = (
             self.use_non_blocking and self.compute_device.type == "cuda" and self.offload_device.type == "cpu"
         )
-        budget = self.pinned_budget_bytes if self.pinned_budget_bytes is not None else default_pinned_budget()
         warned_pin = False
         for unit in self.order:
-            current = list(unit.tensors())
-            if unit.slab is not None and all(
-                t.data_ptr() == view.data_ptr()
-                for (*_, t), view in zip(current, unit.slab_views, strict=True)
-            ):
-                continue
             if unit.slab is None:
-                unit.layout, unit.nbytes = _layout(current)
-                unit.home_device = current[0][3].device if current else self.offload_device
-                unit.slab = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.offload_device)
-                unit.slab_views = [_view(unit.slab, spec) for spec in unit.layout]
-                if pin:
-                    unit.slab_pinned = _pin_in_place(unit.slab, budget)
-                    if unit.slab_pinned:
-                        self._pinned_slabs.append(unit.slab)
-                    elif not warned_pin:
-                        warned_pin = True
-                        log.warning(
-                            "[BlockSwap] Pinned-memory budget (%s) reached or pinning failed at %s: "
-                            "remaining swapped units use pageable RAM, so their copies cannot overlap compute",
-                            format_bytes(budget),
-                            unit.name,
-                        )
-            for (*_, t), view in zip(current, unit.slab_views, strict=True):
-                if t.data_ptr() != view.data_ptr():
-                    view.copy_(plain_tensor(t))
-            self._bind(unit, unit.slab_views)
+                pinned = self._build_slab(unit, pin, budget)
+                if pin and not pinned and not warned_pin:
+                    warned_pin = True
+                    log.warning(
+                        "[BlockSwap] Pinned-memory budget (%s) reached or pinning failed at %s: "
+                        "remaining swapped units use pageable RAM, so their copies cannot overlap compute",
+                        format_bytes(budget),
+                        unit.name,
+                    )
+            else:
+                self._refresh_slab(unit)
 
-    def _place_resident(self) -> None:
-        for unit in self.resident_units:
-            moved = []
-            for owner, attr, is_param, t in unit.tensors():
-                if t.device != self.compute_device:
-                    moved.append((owner, attr, is_param, plain_tensor(t)))
-                    _set_tensor(owner, attr, is_param, plain_tensor(t).to(self.compute_device))
-            unit.originals = moved or None
+    def _build_slab(self, unit: SwapUnit, pin: bool, budget: int) -> bool:
+        """Copy the unit into one new contiguous host buffer and point its tensors at it. True if pinned."""
+        current = list(unit.tensors())
+        unit.layout, unit.nbytes = _layout(current)
+        self._placement.remember_home(unit, current[0][3].device if current else self.offload_device)
+        unit.slab = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.offload_device)
+        unit.slab_views = [_view(unit.slab, spec) for spec in unit.layout]
+        if pin:
+            unit.slab_pinned = _pin_in_place(unit.slab, budget)
+            if unit.slab_pinned:
+                self._pinned_slabs.append(unit.slab)
+        for (*_, t), view in zip(current, unit.slab_views, strict=True):
+            view.copy_(plain_tensor(t))
+        self._bind(unit, unit.slab_views)
+        return unit.slab_pinned
+
+    def _refresh_slab(self, unit: SwapUnit) -> None:
+        """Copy into the slab only the tensors that no longer view it, then bind the unit to it again."""
+        stale = [
+            (t, view)
+            for (*_, t), view in zip(unit.tensors(), unit.slab_views, strict=True)
+            if t.data_ptr() != view.data_ptr()
+        ]
+        for t, view in stale:
+            view.copy_(plain_tensor(t))
+        if stale:
+            self._bind(unit, unit.slab_views)
 
     # -- runs ----------------------------------------------------------------------------------
 
     def _start_run(self) -> _Run:
         n = self.num_slots()
         size = max((u.nbytes for u in self.order), default=0)
-        slots = [_Slot(i, torch.empty(size, dtype=torch.uint8, device=self.compute_device)) for i in range(n)]
+        slots = [torch.empty(size, dtype=torch.uint8, device=self.compute_device) for _ in range(n)]
         if self.transport_factory is not None:
             transport = self.transport_factory(n)
         elif self.compute_device.type == "cuda":
             transport = CudaStreamTransport(self.compute_device, n, self.use_non_blocking, self.debug)
         else:
             transport = SyncTransport()
-        run = _Run(slots, transport)
-        for unit in self.order:
-            run.hooks.append(unit.module.register_forward_pre_hook(self._make_pre_hook(unit)))
-            run.hooks.append(unit.module.register_forward_hook(self._make_post_hook(unit), always_call=True))
+        run = _Run(slots, transport, len(self.order))
+        for position, unit in enumerate(self.order):
+            run.hooks.append(unit.module.register_forward_pre_hook(self._make_pre_hook(position)))
+            run.hooks.append(
+                unit.module.register_forward_hook(self._make_post_hook(position), always_call=True)
+            )
         return run
 
     def _prime(self) -> None:
         """Start copying the first units of the pass, so even the run's first unit need not wait."""
-        if self.prefetch_blocks and self.order:
-            for unit in self._windows[0]:
-                self._load(unit, keep=self._window_ids[0])
+        if self.prefetch_blocks:
+            for seq in range(self._depth + 1):
+                self._copy(self._run, seq % len(self.order), seq % len(self._run.slots))
 
-    def _make_pre_hook(self, unit: SwapUnit):
+    def _make_pre_hook(self, position: int):
         @torch.compiler.disable()
         def pre_hook(module, args):
-            self._before_unit(unit)
+            self._before_unit(position)
 
         return pre_hook
 
-    def _make_post_hook(self, unit: SwapUnit):
+    def _make_post_hook(self, position: int):
         @torch.compiler.disable()
         def post_hook(module, args, output):
-            self._after_unit(unit)
+            self._after_unit(position)
 
         return post_hook
 
-    def _before_unit(self, unit: SwapUnit) -> None:
-        run = self._run
-        counters = self.counters
+    def _before_unit(self, position: int) -> None:
+        run, counters = self._run, self.counters
+        n, num_slots = len(self.order), len(run.slots)
         counters.unit_runs += 1
-        position = self._position[id(unit)]
         if position == 0:
             counters.passes += 1
-        slot = run.slot_of.get(id(unit))
-        if slot is None:
+        # The next sequence number that is this unit: the expected one, the one just run (a repeat),
+        # or a later one (units were skipped).
+        seq = run.next_seq - 1 + (position - run.next_seq + 1) % n
+        slot = seq % num_slots
+        if run.loaded[slot] != position:
             counters.misses += 1
-            slot = self._load(unit, keep=self._window_ids[position])
-        elif not slot.fresh:
+            self._copy(run, position, slot)
+        elif not run.fresh[slot]:
             counters.slot_hits += 1
-        run.transport.wait_copied(slot.index)
-        self._bind(unit, self._slot_views(run, unit, slot))
-        run.bound.add(id(unit))
-        if slot.fresh:
-            slot.fresh = False
+        run.next_seq = seq + 1
+        run.transport.wait_copied(slot)
+        unit = self.order[position]
+        views = run.views[position][slot]
+        if views is None:
+            views = run.views[position][slot] = [_view(run.slots[slot], spec) for spec in unit.layout]
+        self._bind(unit, views)
+        run.bound_position, run.bound_slot = position, slot
+        if run.fresh[slot]:
+            run.fresh[slot] = False
             if self.on_unit_loaded is not None:
                 self.on_unit_loaded(unit.name, unit.module)
         # Issue the copies for the next units now, so they run while this unit computes.
-        for ahead in self._windows[position][1:]:
-            if id(ahead) not in run.slot_of:
-                self._load(ahead, keep=self._window_ids[position])
+        for ahead in range(seq + 1, seq + 1 + self._depth):
+            if run.loaded[ahead % num_slots] != ahead % n:
+                self._copy(run, ahead % n, ahead % num_slots)
 
-    def _after_unit(self, unit: SwapUnit) -> None:
+    def _after_unit(self, position: int) -> None:
         run = self._run
-        if run is None or id(unit) not in run.bound:
+        if run is None or run.bound_position != position:
             return
-        run.bound.discard(id(unit))
-        run.transport.mark_free(run.slot_of[id(unit)].index)
+        run.transport.mark_free(run.bound_slot)
+        run.bound_position = run.bound_slot = -1
         # Between forwards the tensors view the slab again: nothing outside the unit's own forward can
         # read a slot that a later copy overwrites.
+        unit = self.order[position]
         self._bind(unit, unit.slab_views)
 
-    def _load(self, unit: SwapUnit, keep: frozenset[int]) -> _Slot:
-        """Copy `unit` into a free slot, or evict a unit that is neither running nor in `keep`."""
-        run = self._run
-        slot = next((s for s in run.slots if s.unit is None), None)
-        if slot is None:
-            slot = next(s for s in run.slots if id(s.unit) not in keep and id(s.unit) not in run.bound)
-            del run.slot_of[id(slot.unit)]
-        run.transport.start_copy(slot.index, slot.buffer[: unit.nbytes], unit.slab)
-        slot.unit = unit
-        slot.fresh = True
-        run.slot_of[id(unit)] = slot
+    def _copy(self, run: _Run, position: int, slot: int) -> None:
+        unit = self.order[position]
+        run.transport.start_copy(slot, run.slots[slot][: unit.nbytes], unit.slab)
+        run.loaded[slot] = position
+        run.fresh[slot] = True
         self.counters.copies += 1
         self.counters.bytes_copied += unit.nbytes
-        return slot
-
-    def _slot_views(self, run: _Run, unit: SwapUnit, slot: _Slot) -> list[torch.Tensor]:
-        key = (id(unit), slot.index)
-        views = run.views.get(key)
-        if views is None:
-            views = run.views[key] = [_view(slot.buffer, spec) for spec in unit.layout]
-        return views
 
     @staticmethod
     def _bind(unit: SwapUnit, views: list[torch.Tensor]) -> None:
@@ -769,12 +816,12 @@ class BlockSwapEngine:
 # ----------------------------------------------------------------------------------------------
 
 
-def _layout(tensors: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> tuple[list[TensorSlot], int]:
+def _layout(tensors: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> tuple[list[TensorSpec], int]:
     """Where each tensor goes in a slab (and in any slot), and the slab's size."""
     layout, offset = [], 0
     for owner, attr, is_param, t in tensors:
         nbytes = tensor_nbytes(t)
-        layout.append(TensorSlot(owner, attr, is_param, offset, nbytes, t.dtype, torch.Tensor.size(t)))
+        layout.append(TensorSpec(owner, attr, is_param, offset, nbytes, t.dtype, torch.Tensor.size(t)))
         offset = _align(offset + nbytes)
     return layout, offset
 
@@ -784,7 +831,7 @@ def _layout_size(unit: SwapUnit) -> int:
     return unit.nbytes or _layout(list(unit.tensors()))[1]
 
 
-def _view(buffer: torch.Tensor, spec: TensorSlot) -> torch.Tensor:
+def _view(buffer: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     raw = buffer[spec.offset : spec.offset + spec.nbytes]
     return raw.view(spec.dtype).view(spec.shape)
 

@@ -26,13 +26,24 @@ from .block_manager import BlockSwapEngine
 from .config import SwapConfig
 from .quant.reader import is_gguf_weight
 from .utils import format_bytes
-from .wan.units import WanSwapChoice, plan_wan_swap
+from .wan.units import WanSwapSelection, select_wan_units
 
 log = logging.getLogger(__name__)
 
 ATTACHMENT_KEY = "wan22_blockswap"
 CALLBACK_KEY = "wan22_blockswap"
-_OWNER_ATTR = "_wan22_blockswap_owner"  # on the diffusion model: weakref to the plan whose slabs it uses
+# Diffusion module -> the plan whose slabs its swapped tensors live in. Clones share the module, and the
+# BlockSwap nodes of different clones (LoRA variants, other settings) make different plans for it: one
+# owns it at a time. Weak both ways, so neither a module nor a plan is kept alive by this table.
+_MODULE_OWNERS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[SwapPlan]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def owner_plan(module: torch.nn.Module) -> SwapPlan | None:
+    """The plan that owns `module`'s swapped tensors now, if any."""
+    ref = _MODULE_OWNERS.get(module)
+    return ref() if ref is not None else None
 
 
 def is_dynamic(patcher) -> bool:
@@ -52,7 +63,7 @@ class SwapPlan:
         self,
         diffusion_model: torch.nn.Module,
         config: SwapConfig,
-        choice: WanSwapChoice,
+        choice: WanSwapSelection,
         load_device: torch.device,
         offload_device: torch.device,
     ):
@@ -66,7 +77,7 @@ class SwapPlan:
             prefetch_blocks=config.prefetch_blocks,
             use_non_blocking=config.use_non_blocking,
             debug=config.block_swap_debug,
-            move_resident=False,  # ComfyUI's own load() places resident blocks
+            placement="host",  # ComfyUI's own load() places resident blocks; slabs are home between runs
         )
         swapped = self.engine.swapped_units
         self.swapped_module_ids = {id(m) for unit in swapped for m in unit.module.modules()}
@@ -86,12 +97,12 @@ class SwapPlan:
     # -- ownership of the shared module ------------------------------------------------------
 
     def take_module(self) -> None:
-        """Make this plan's slabs the home of the swapped tensors (another plan's are given up)."""
-        owner_ref = self.diffusion_model.__dict__.get(_OWNER_ATTR)
-        owner = owner_ref() if owner_ref is not None else None
+        """Hand the shared module over to this plan: the previous owner gives up its slabs (the tensors
+        keep their memory), and this plan's slabs become the swapped tensors' home."""
+        owner = owner_plan(self.diffusion_model)
         if owner is not None and owner is not self:
             owner.engine.forget_slabs()
-        self.diffusion_model.__dict__[_OWNER_ATTR] = weakref.ref(self)
+        _MODULE_OWNERS[self.diffusion_model] = weakref.ref(self)
 
     def prepare_load(self, patcher) -> None:
         """Called by the patcher's load(): swapped units go (or stay) in host RAM, never to the GPU."""
@@ -273,8 +284,8 @@ def _on_cleanup(patcher) -> None:
 
 def _diffusion_model_wrapper(executor, *args, **kwargs):
     """Safety net for callers that run the model without ComfyUI's sampler (no ON_PRE_RUN)."""
-    owner_ref = getattr(executor.class_obj, "__dict__", {}).get(_OWNER_ATTR)
-    plan = owner_ref() if owner_ref is not None else None
+    module = executor.class_obj
+    plan = owner_plan(module) if isinstance(module, torch.nn.Module) else None
     if plan is None or plan.engine.is_attached or plan._patcher_ref is None or plan._patcher_ref() is None:
         return executor(*args, **kwargs)
     plan.begin_run(plan._patcher_ref())
@@ -305,7 +316,7 @@ def apply_block_swap(model, config: SwapConfig):
         )
     vace = vace_blocks(diffusion_model)
     config = config.fitted_to(len(diffusion_model.blocks), len(vace) if vace is not None else 0)
-    choice = plan_wan_swap(
+    choice = select_wan_units(
         diffusion_model,
         config.blocks_to_swap,
         config.vace_blocks_to_swap,

@@ -5,11 +5,11 @@
   extension sets (one set object shared by most folders) are never touched.
 - Every file is checked before anything is built: the name must stay inside the model folders, the file
   must be complete, and its weights must be a WAN 2.1/2.2 model that fits the chosen version and variant
-  (:mod:`wan_detect`).
+  (:mod:`wan.detect`).
 - Safetensors load through ``comfy.sd.load_diffusion_model`` with the options UNETLoader uses, so the model
   is the one "Load Diffusion Model" gives; only an explicit compute dtype is set on top of it.
-- GGUF files are memory-mapped (:func:`gguf_loader.load_gguf_state_dict`); quantized weights stay raw bytes
-  (:class:`GGUFWeight`) and :mod:`gguf_ops` layers decode them on the compute device. LoRA on them is kept
+- GGUF files are memory-mapped (:func:`quant.reader.load_gguf_state_dict`); quantized weights stay raw bytes
+  (:class:`GGUFWeight`) and :mod:`quant.ops` layers decode them on the compute device. LoRA on them is kept
   on ``weight.patches`` by :class:`WanGGUFModelPatcher` instead of being fused.
 """
 
@@ -30,7 +30,7 @@ from .config import check_choice
 from .quant.ops import GGUFOps, load_progress
 from .quant.reader import is_gguf_weight, load_gguf_state_dict
 from .utils import FLOAT_DTYPES, FP8_DTYPES
-from .wan.detect import WanChoice, detect_wan, logical_shapes, resolve_choice
+from .wan.detect import ResolvedWanType, detect_wan, logical_shapes, resolve_choice
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def _set_compute_dtype(patcher, dtype: torch.dtype) -> None:
         patcher.force_cast_weights = True
 
 
-def _log_choice(name: str, detection, choice: WanChoice) -> None:
+def _log_choice(name: str, detection, choice: ResolvedWanType) -> None:
     log.info("[BlockSwap] WAN Model Loader: %s: %s", name, detection.describe())
     for note in choice.notes:
         log.info("[BlockSwap] WAN Model Loader: %s", note)

@@ -333,7 +333,7 @@ def run_config(
 ) -> dict[str, object]:
     bm, wu, sm, utils = pkg.block_manager, pkg.wan.units, pkg.bench.synthetic_model, pkg.utils
     device = workload.device
-    choice = wu.plan_wan_swap(model, blocks_to_swap, placement=placement)
+    choice = wu.select_wan_units(model, blocks_to_swap, placement=placement)
     engine = bm.BlockSwapEngine(
         choice.units,
         choice.swap,

@@ -230,7 +230,7 @@ def detect_wan(
 
 
 @dataclasses.dataclass(frozen=True)
-class WanChoice:
+class ResolvedWanType:
     """The version and variant a load goes ahead with, and notes worth a log line."""
 
     version: str
@@ -240,7 +240,7 @@ class WanChoice:
 
 def resolve_choice(
     detection: WanDetection, wan_version: str = "auto", model_variant: str = "auto", source: str = "the file"
-) -> WanChoice:
+) -> ResolvedWanType:
     """Check the node's explicit choices against the weights.
 
     "auto" takes what the weights say. A choice the weights allow changes nothing; one they rule out raises
@@ -290,4 +290,4 @@ def resolve_choice(
         )
     else:
         variant = model_variant
-    return WanChoice(version=version, variant=variant, notes=tuple(notes))
+    return ResolvedWanType(version=version, variant=variant, notes=tuple(notes))

@@ -1,7 +1,7 @@
 """Which swappable units a WAN diffusion model has, and the order they run in.
 
 Pure torch: works on ComfyUI's `comfy.ldm.wan.model.WanModel` family and on the synthetic model of
-`synthetic_model.py`, which share attribute names (`blocks`, `vace_blocks`, `vace_layers_mapping`,
+`bench/synthetic_model.py`, which share attribute names (`blocks`, `vace_blocks`, `vace_layers_mapping`,
 `text_embedding`, `img_emb`).
 """
 
@@ -61,8 +61,8 @@ def execution_order(diffusion_model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class WanSwapChoice:
-    """What to swap, already checked against the model (see `plan_wan_swap`)."""
+class WanSwapSelection:
+    """What to swap, already checked against the model (see `select_wan_units`)."""
 
     units: list[tuple[str, nn.Module]]
     swap: list[str]
@@ -70,14 +70,14 @@ class WanSwapChoice:
     vace_blocks_to_swap: int
 
 
-def plan_wan_swap(
+def select_wan_units(
     diffusion_model: nn.Module,
     blocks_to_swap: int,
     vace_blocks_to_swap: int = 0,
     offload_txt_emb: bool = False,
     offload_img_emb: bool = False,
     placement: str = "tail",
-) -> WanSwapChoice:
+) -> WanSwapSelection:
     """Translate node settings into engine units and swap names.
 
     vace_blocks_to_swap = 0 means "auto": swap the same share of VACE blocks as of main blocks.
@@ -104,4 +104,4 @@ def plan_wan_swap(
         swap.append("text_embedding")
     if offload_img_emb and any(name == "img_emb" for name, _ in units):
         swap.append("img_emb")
-    return WanSwapChoice(units, swap, blocks_to_swap, vace_count)
+    return WanSwapSelection(units, swap, blocks_to_swap, vace_count)

@@ -12,7 +12,7 @@ from wan22_blockswap.wan import units as wu
 
 
 def make_engine(model, blocks_to_swap, prefetch=0, **kwargs):
-    choice = wu.plan_wan_swap(
+    choice = wu.select_wan_units(
         model,
         blocks_to_swap,
         offload_txt_emb=kwargs.pop("offload_txt_emb", False),
@@ -399,7 +399,8 @@ def test_quantized_tensor_subclass_moves_as_bytes_and_keeps_metadata():
 
 
 class DelayedReorderingTransport(bm.SyncTransport):
-    """Copies land as late as allowed (when compute waits for that slot), in reverse issue order.
+    """Copies land as late as allowed (when compute waits for that slot), so copies into different slots
+    land in any order; copies into one slot land in issue order, as on one copy stream.
 
     Records a violation when a copy targets a slot whose reader has not been marked free: on a GPU
     that copy could overwrite weights a running kernel still reads.
@@ -420,7 +421,7 @@ class DelayedReorderingTransport(bm.SyncTransport):
         self.waits += 1
         mine = [p for p in self.pending if p[0] == slot]
         self.pending = [p for p in self.pending if p[0] != slot]
-        for _, dst, src in reversed(mine):
+        for _, dst, src in mine:
             dst.copy_(src)
         self.in_use[slot] = True
 
@@ -514,6 +515,61 @@ def test_engine_marks_each_slot_free_after_its_unit_ran(models):
     assert log.count(("free", 0)) + log.count(("free", 1)) == engine.counters.unit_runs
 
 
+# -- the slot ring: units out of order --------------------------------------------------------
+
+
+def linear_chain(n=5, width=16, seed=0):
+    torch.manual_seed(seed)
+    return [(f"blocks.{i}", nn.Linear(width, width)) for i in range(n)]
+
+
+def run_chain(units, order, x):
+    for i in order:
+        x = torch.tanh(units[i][1](x))
+    return x
+
+
+# One pass each: in order; block 2 skipped (a patch replaced it); block 3 run twice in a row (a VACE
+# block's second context); a pass cut short after block 1, then a full one.
+OUT_OF_ORDER = [[0, 1, 2, 3, 4], [0, 1, 3, 4], [0, 1, 2, 3, 3, 4], [0, 1], [0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 4])
+def test_units_out_of_order_still_compute_exactly(prefetch):
+    units = linear_chain()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = [run_chain(units, order, x) for order in OUT_OF_ORDER]
+    transports = []
+
+    def factory(n):
+        transports.append(DelayedReorderingTransport(n))
+        return transports[-1]
+
+    engine = bm.BlockSwapEngine(
+        units, [n for n, _ in units], "cpu", prefetch_blocks=prefetch, transport_factory=factory
+    )
+    with torch.no_grad(), engine.attached():
+        got = [run_chain(units, order, x) for order in OUT_OF_ORDER]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert transports[0].violations == []
+    assert transports[0].waits == engine.counters.unit_runs == sum(len(o) for o in OUT_OF_ORDER)
+
+
+def test_a_repeated_unit_reuses_its_slot_and_a_skipped_one_costs_no_copy():
+    units = linear_chain()
+    engine = bm.BlockSwapEngine(units, [n for n, _ in units], "cpu", prefetch_blocks=1)
+    x = torch.randn(3, 16)
+    with torch.no_grad(), engine.attached():
+        run_chain(units, [0, 1, 2, 3, 4], x)
+        assert (engine.counters.copies, engine.counters.misses) == (6, 0)  # 5 + the wrapped prefetch of 0
+        run_chain(units, [0, 1, 1, 2], x)  # block 1 again: still in its slot
+        assert engine.counters.slot_hits == 1 and engine.counters.misses == 0
+        copies = engine.counters.copies
+        run_chain(units, [4], x)  # 3 skipped: its prefetched copy is wasted, 4 loads on demand
+        assert engine.counters.misses == 1 and engine.counters.copies == copies + 2  # 4, and 0 behind it
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 
@@ -523,9 +579,9 @@ def test_bad_input_names_the_input_and_valid_range(models):
     with pytest.raises(ValueError, match=r"swap names unknown unit\(s\) \['blocks\.99'\]"):
         bm.BlockSwapEngine(units, ["blocks.99"], "cpu")
     with pytest.raises(ValueError, match=r"blocks_to_swap must be between 0 and 6 for this model \(got 7\)"):
-        wu.plan_wan_swap(model, 7)
+        wu.select_wan_units(model, 7)
     with pytest.raises(ValueError, match=r"blocks_to_swap must be between 0 and 6 for this model \(got -1\)"):
-        wu.plan_wan_swap(model, -1)
+        wu.select_wan_units(model, -1)
     with pytest.raises(ValueError, match=r"prefetch_blocks must be an integer >= 0 \(got -1\)"):
         bm.BlockSwapEngine(units, [], "cpu", prefetch_blocks=-1)
     with pytest.raises(ValueError, match=r"units\[1\] \('x'\) must be a torch.nn.Module \(got int\)"):
@@ -533,11 +589,11 @@ def test_bad_input_names_the_input_and_valid_range(models):
     with pytest.raises(ValueError, match="must not overlap"):
         bm.BlockSwapEngine([("blocks.0", model.blocks[0]), ("ffn", model.blocks[0].ffn)], [], "cpu")
     with pytest.raises(ValueError, match="vace_blocks_to_swap must be between 0 and 3"):
-        wu.plan_wan_swap(models["vace"], 2, vace_blocks_to_swap=4)
+        wu.select_wan_units(models["vace"], 2, vace_blocks_to_swap=4)
     with pytest.raises(ValueError, match="vace_blocks_to_swap must be 0 for a model without VACE"):
-        wu.plan_wan_swap(model, 2, vace_blocks_to_swap=1)
+        wu.select_wan_units(model, 2, vace_blocks_to_swap=1)
     with pytest.raises(ValueError, match="placement must be 'tail' or 'spread'"):
-        wu.plan_wan_swap(model, 2, placement="middle")
+        wu.select_wan_units(model, 2, placement="middle")
 
 
 def test_bad_input_leaves_the_model_untouched(models):
@@ -570,10 +626,10 @@ def test_execution_order_interleaves_vace_blocks_where_they_run(models):
 
 
 def test_vace_auto_swaps_the_same_share_of_vace_blocks(models):
-    choice = wu.plan_wan_swap(models["vace"], 4)
+    choice = wu.select_wan_units(models["vace"], 4)
     assert choice.vace_blocks_to_swap == 2
     assert [s for s in choice.swap if s.startswith("vace")] == ["vace_blocks.1", "vace_blocks.2"]
-    assert wu.plan_wan_swap(models["vace"], 4, vace_blocks_to_swap=3).vace_blocks_to_swap == 3
+    assert wu.select_wan_units(models["vace"], 4, vace_blocks_to_swap=3).vace_blocks_to_swap == 3
 
 
 def test_wan_model_recognition(models):

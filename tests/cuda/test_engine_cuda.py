@@ -27,7 +27,7 @@ def model():
 
 
 def engine_for(model, blocks_to_swap, prefetch, non_blocking, **kwargs):
-    choice = wu.plan_wan_swap(model, blocks_to_swap, offload_txt_emb=kwargs.pop("offload_txt_emb", False))
+    choice = wu.select_wan_units(model, blocks_to_swap, offload_txt_emb=kwargs.pop("offload_txt_emb", False))
     return bm.BlockSwapEngine(
         choice.units, choice.swap, CUDA, prefetch_blocks=prefetch, use_non_blocking=non_blocking, **kwargs
     )
