@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -130,10 +132,14 @@ class SwapCounters:
     passes: int = 0  # forwards of the first swapped unit in execution order
     misses: int = 0  # unit not in a slot when it started: copied on demand (no overlap)
     slot_hits: int = 0  # unit still in its slot from an earlier forward: no copy needed
+    slabs_built: int = 0  # host slabs made (each swapped byte is copied into RAM once per build)
+    slab_bytes_built: int = 0
 
     def reset(self) -> None:
+        """Zero the per-run counters (slab builds count over the plan's life and stay)."""
         for field in dataclasses.fields(self):
-            setattr(self, field.name, 0)
+            if not field.name.startswith("slab"):
+                setattr(self, field.name, 0)
 
 
 @dataclasses.dataclass
@@ -183,8 +189,18 @@ class SyncTransport:
 class CudaStreamTransport:
     """Copies on a dedicated CUDA stream; compute waits on events, never on the host."""
 
-    def __init__(self, device: torch.device, num_slots: int, non_blocking: bool, timing: bool):
+    def __init__(
+        self,
+        device: torch.device,
+        num_slots: int,
+        non_blocking: bool,
+        timing: bool,
+        reader_streams: Callable[[], Iterable[torch.cuda.Stream]] | None = None,
+    ):
         self.device = device
+        # Streams other than the compute stream that may read a slot (a host casting weights on its own
+        # offload streams): each waits for a slot's copy as well.
+        self.reader_streams = reader_streams
         self.non_blocking = non_blocking
         self.copy_stream = torch.cuda.Stream(device=device)
         self.ready = [torch.cuda.Event() for _ in range(num_slots)]
@@ -217,6 +233,9 @@ class CudaStreamTransport:
             self._stall_events.append((start, end))
         else:
             compute.wait_event(self.ready[slot])
+        if self.reader_streams is not None:
+            for stream in self.reader_streams():
+                stream.wait_event(self.ready[slot])
 
     def mark_free(self, slot: int) -> None:
         self.free[slot].record(torch.cuda.current_stream(self.device))
@@ -242,11 +261,22 @@ class CudaStreamTransport:
 
 
 class _PinnedLedger:
-    """Process-wide count of bytes this pack has page-locked, so several engines share one budget."""
+    """Process-wide count of bytes this pack has page-locked, and the engines that share the budget.
+
+    Each live engine claims its swapped bytes when it is made; an engine may pin up to its claim's share
+    of the budget, so the second expert of a WAN 2.2 high/low pair is not left with pageable slabs
+    because the first one took everything. A claim ends when the engine gives up its slabs or dies.
+    """
 
     def __init__(self):
         self.lock = threading.Lock()
         self.bytes = 0
+        self.claims: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+
+    def share(self, engine: object, budget: int) -> int:
+        total = sum(self.claims.values())
+        claim = self.claims.get(engine, 0)
+        return budget if total <= 0 else budget * claim // total
 
 
 _PINNED = _PinnedLedger()
@@ -266,27 +296,59 @@ def default_pinned_budget() -> int:
     return int(total * DEFAULT_PINNED_RAM_SHARE)
 
 
-def _pin_in_place(buffer: torch.Tensor, budget: int) -> bool:
-    """Page-lock exactly buffer's bytes (cudaHostRegister), within the process-wide budget.
+def available_ram() -> int | None:
+    """Bytes of RAM the OS can give this process now without swapping (None if unknown)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None
+
+
+def _cuda_runtime():
+    """CUDA's runtime API as torch exposes it (a seam: tests put a fake here)."""
+    return torch.cuda.cudart()
+
+
+def _discard_cuda_error() -> None:
+    """Clear the error a failed cudaHostRegister/Unregister leaves behind.
+
+    The runtime keeps it as the thread's last error, and the next kernel launch would report it as its
+    own failure. torch exposes no cudaGetLastError; a tiny kernel plus a synchronize surfaces the
+    pending error once, which clears it (the failure itself was already seen in the return code).
+    """
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except RuntimeError:  # torch.AcceleratorError: the stale error, now consumed
+        pass
+
+
+def _pin_in_place(buffer: torch.Tensor) -> bool:
+    """Page-lock exactly buffer's bytes (cudaHostRegister); False (and CUDA's error cleared) on failure.
 
     torch's pin_memory() goes through the caching host allocator, which rounds each block up to a
     power of two: a 670 MiB block would lock 1 GiB. Registering the plain allocation locks what we use.
     """
     nbytes = buffer.numel()
+    err = _cuda_runtime().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
+    if int(err) != 0:
+        _discard_cuda_error()
+        log.debug("[BlockSwap] cudaHostRegister of %s failed (error %s)", format_bytes(nbytes), int(err))
+        return False
     with _PINNED.lock:
-        if _PINNED.bytes + nbytes > budget:
-            return False
-        err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
-        if int(err) != 0:
-            return False
         _PINNED.bytes += nbytes
     return True
 
 
 def _unpin(buffer: torch.Tensor) -> None:
+    err = _cuda_runtime().cudaHostUnregister(buffer.data_ptr())
     with _PINNED.lock:
-        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
         _PINNED.bytes -= buffer.numel()
+    if int(err) != 0:
+        _discard_cuda_error()
+        log.warning("[BlockSwap] cudaHostUnregister failed (error %s); the slab is freed anyway", int(err))
 
 
 def _release_slabs(pinned: list[torch.Tensor]) -> None:
@@ -295,6 +357,10 @@ def _release_slabs(pinned: list[torch.Tensor]) -> None:
     # the slabs keep them alive afterwards as ordinary pageable memory.
     while pinned:
         _unpin(pinned.pop())
+
+
+class HostMemoryError(MemoryError):
+    """The host slabs of a plan would not fit in the RAM that is free: raised before any is built."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,12 +482,17 @@ class BlockSwapEngine:
     swap: names of the units to keep in host RAM; the others are resident on the compute device.
     prefetch_blocks: 0 copies a unit when it starts (no overlap); N keeps copies N units ahead.
     use_non_blocking: pinned host slabs and asynchronous copies (needed for copy/compute overlap).
-    pinned_budget_bytes: most host RAM to page-lock (None: a safe share of physical RAM).
+    pinned_budget_bytes: most host RAM this pack may page-lock, an int or a function returning one
+        (a host subtracts what it pinned itself); None: a safe share of physical RAM. Live engines share
+        it in proportion to their swapped bytes.
     placement: "standalone" moves resident units to the compute device for each run (and back after)
         and returns swapped tensors to their original device; "host" leaves resident units to the
         host that placed them, and keeps swapped tensors in their slabs between runs.
     on_unit_loaded: called as fn(name, module) after a unit's bytes landed in a slot and before it
         runs, once per copy (e.g. to apply a LoRA to the slot, leaving the slab pristine).
+    on_slab_built: called as fn(done, total) after each host slab is built (a progress bar).
+    reader_streams: fn() -> CUDA streams besides the compute stream that read weights (a host's own
+        offload streams); each is made to wait for a slot's copy too.
     transport_factory: for tests: fn(num_slots) -> transport, replacing the built-in ones.
     """
 
@@ -433,10 +504,12 @@ class BlockSwapEngine:
         offload_device: torch.device | str = "cpu",
         prefetch_blocks: int = 0,
         use_non_blocking: bool = False,
-        pinned_budget_bytes: int | None = None,
+        pinned_budget_bytes: int | Callable[[], int] | None = None,
         debug: bool = False,
         placement: str = "standalone",
         on_unit_loaded: UnitLoadedCallback | None = None,
+        on_slab_built: Callable[[int, int], None] | None = None,
+        reader_streams: Callable[[], Iterable[torch.cuda.Stream]] | None = None,
         transport_factory: Callable[[int], object] | None = None,
     ):
         self.units = self._validate_units(units)
@@ -451,7 +524,7 @@ class BlockSwapEngine:
         for name in swap:
             by_name[name].swapped = True
         check_int("prefetch_blocks", prefetch_blocks, 0)
-        if pinned_budget_bytes is not None and pinned_budget_bytes < 0:
+        if isinstance(pinned_budget_bytes, int) and pinned_budget_bytes < 0:
             raise ValueError(f"pinned_budget_bytes must be >= 0 or None (got {pinned_budget_bytes})")
         check_choice("placement", placement, PLACEMENTS)
 
@@ -464,6 +537,8 @@ class BlockSwapEngine:
         self.placement = placement
         self._placement = _StandalonePlacement() if placement == "standalone" else _HostPlacement()
         self.on_unit_loaded = on_unit_loaded
+        self.on_slab_built = on_slab_built
+        self.reader_streams = reader_streams
         self.transport_factory = transport_factory
 
         # The swapped units in execution order; the ring keeps copies `_depth` units ahead.
@@ -475,6 +550,7 @@ class BlockSwapEngine:
         self._pinned_slabs: list[torch.Tensor] = []
         self._described = False
         self._finalizer = weakref.finalize(self, _release_slabs, self._pinned_slabs)
+        self._claim_pinned_share()
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -630,6 +706,44 @@ class BlockSwapEngine:
         for unit in self.order:
             unit.slab, unit.slab_views, unit.layout, unit.nbytes = None, [], [], 0
         self._placement.forget()
+        with _PINNED.lock:
+            _PINNED.claims.pop(self, None)
+
+    def adopt_slabs(self, other: BlockSwapEngine) -> int:
+        """Take over `other`'s slabs for the units both engines swap (same modules, same tensors), instead
+        of copying the weights again: a LoRA or setting change on the same model re-uses its host copy.
+        Returns the bytes adopted. Call before `other.forget_slabs()`; both must be detached."""
+        if self.is_attached or other.is_attached:
+            raise RuntimeError(
+                "adopt_slabs: detach both engines first (slabs are bound to slots while attached)"
+            )
+        theirs = {u.module: u for u in other.order if u.slab is not None}
+        adopted = 0
+        for unit in self.order:
+            donor = theirs.get(unit.module)
+            if unit.slab is not None or donor is None:
+                continue
+            if [(t.owner, t.attr) for t in donor.layout] != [(o, a) for o, a, _, _ in unit.tensors()]:
+                continue  # the module's tensors changed since the donor built its slab
+            unit.layout, unit.nbytes, unit.slab, unit.slab_views = (
+                donor.layout,
+                donor.nbytes,
+                donor.slab,
+                donor.slab_views,
+            )
+            unit.slab_pinned, donor.slab_pinned = donor.slab_pinned, False
+            if unit.slab_pinned:
+                other._pinned_slabs.remove(donor.slab)
+                self._pinned_slabs.append(unit.slab)
+            donor.slab, donor.slab_views, donor.layout, donor.nbytes = None, [], [], 0
+            adopted += unit.nbytes
+        self._claim_pinned_share()
+        return adopted
+
+    def _claim_pinned_share(self) -> None:
+        if self.use_non_blocking and self.order:
+            with _PINNED.lock:
+                _PINNED.claims[self] = sum(_layout_size(u) for u in self.order)
 
     def _teardown(self) -> None:
         run, self._run = self._run, None
@@ -652,26 +766,79 @@ class BlockSwapEngine:
     def _ensure_slabs(self) -> None:
         """Every swapped unit in its slab: built on first use, refreshed where a tensor was re-pointed
         since (a host that replaced a weight); untouched units cost nothing."""
-        budget = self.pinned_budget_bytes if self.pinned_budget_bytes is not None else default_pinned_budget()
+        for unit in self.order:
+            if unit.slab is not None:
+                self._refresh_slab(unit)
+        to_build = [u for u in self.order if u.slab is None]
+        if not to_build:
+            return
+        self._check_ram_for(to_build)
+        self._claim_pinned_share()
         pin = (
             self.use_non_blocking and self.compute_device.type == "cuda" and self.offload_device.type == "cpu"
         )
-        warned_pin = False
-        for unit in self.order:
-            if unit.slab is None:
-                pinned = self._build_slab(unit, pin, budget)
-                if pin and not pinned and not warned_pin:
-                    warned_pin = True
-                    log.warning(
-                        "[BlockSwap] Pinned-memory budget (%s) reached or pinning failed at %s: "
-                        "remaining swapped units use pageable RAM, so their copies cannot overlap compute",
-                        format_bytes(budget),
-                        unit.name,
-                    )
-            else:
-                self._refresh_slab(unit)
+        budget = self._pinned_budget() if pin else 0
+        started, pinned_bytes, warned_pin = time.perf_counter(), 0, False
+        for done, unit in enumerate(to_build, 1):
+            allowed = min(budget - _PINNED.bytes, _PINNED.share(self, budget) - self.pinned_bytes())
+            if self._build_slab(unit, pin and _layout_size(unit) <= allowed):
+                pinned_bytes += unit.nbytes
+            elif pin and not warned_pin:
+                warned_pin = True
+                log.warning(
+                    "[BlockSwap] Pinned-memory budget (%s for this model of %s for all) reached or pinning "
+                    "failed at %s: remaining swapped units use pageable RAM, so their copies cannot overlap compute",
+                    format_bytes(max(_PINNED.share(self, budget), 0)),
+                    format_bytes(budget),
+                    unit.name,
+                )
+            if self.on_slab_built is not None:
+                self.on_slab_built(done, len(to_build))
+        total = sum(u.nbytes for u in to_build)
+        log.info(
+            "[BlockSwap] Host copies of %d swapped units built: %s (%s pinned, %s pageable) in %.2f s",
+            len(to_build),
+            format_bytes(total),
+            format_bytes(pinned_bytes),
+            format_bytes(total - pinned_bytes),
+            time.perf_counter() - started,
+        )
 
-    def _build_slab(self, unit: SwapUnit, pin: bool, budget: int) -> bool:
+    def _pinned_budget(self) -> int:
+        budget = self.pinned_budget_bytes
+        if callable(budget):
+            budget = budget()
+        return max(int(default_pinned_budget() if budget is None else budget), 0)
+
+    def _check_ram_for(self, units: list[SwapUnit]) -> None:
+        """Refuse, before copying anything, slabs the free RAM cannot hold.
+
+        A unit whose tensors are in CPU RAM frees them as its slab takes over (the parameters are the only
+        owners), so it needs one unit of headroom at a time; a unit that sits on another device (a model
+        created on the GPU) needs its whole slab in new RAM.
+        """
+        free = available_ram()
+        if free is None or self.offload_device.type != "cpu":
+            return
+        sizes = [_layout_size(u) for u in units]
+        elsewhere = sum(
+            size
+            for size, u in zip(sizes, units, strict=True)
+            if any(t.device.type != "cpu" for *_, t in u.tensors())
+        )
+        needed = elsewhere + max(sizes)
+        if needed <= free:
+            return
+        largest = max(sizes)
+        fits = sum(1 for _ in itertools.takewhile(lambda total: total <= free, itertools.accumulate(sizes)))
+        raise HostMemoryError(
+            f"[BlockSwap] Not enough free RAM for the swapped blocks' host copies: {format_bytes(needed)} needed, "
+            f"{format_bytes(free)} available. What would fit: at most {max(fits - 1, 0)} swapped units of up to "
+            f"{format_bytes(largest)} each, or a smaller file format (fp8 weights take half of bf16; GGUF Q8_0 "
+            "about 53 %, Q4_K about 28 %), or closing what else uses RAM."
+        )
+
+    def _build_slab(self, unit: SwapUnit, pin: bool) -> bool:
         """Copy the unit into one new contiguous host buffer and point its tensors at it. True if pinned."""
         current = list(unit.tensors())
         unit.layout, unit.nbytes = _layout(current)
@@ -679,12 +846,14 @@ class BlockSwapEngine:
         unit.slab = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.offload_device)
         unit.slab_views = [_view(unit.slab, spec) for spec in unit.layout]
         if pin:
-            unit.slab_pinned = _pin_in_place(unit.slab, budget)
+            unit.slab_pinned = _pin_in_place(unit.slab)
             if unit.slab_pinned:
                 self._pinned_slabs.append(unit.slab)
         for (*_, t), view in zip(current, unit.slab_views, strict=True):
             view.copy_(plain_tensor(t))
         self._bind(unit, unit.slab_views)
+        self.counters.slabs_built += 1
+        self.counters.slab_bytes_built += unit.nbytes
         return unit.slab_pinned
 
     def _refresh_slab(self, unit: SwapUnit) -> None:
@@ -708,7 +877,9 @@ class BlockSwapEngine:
         if self.transport_factory is not None:
             transport = self.transport_factory(n)
         elif self.compute_device.type == "cuda":
-            transport = CudaStreamTransport(self.compute_device, n, self.use_non_blocking, self.debug)
+            transport = CudaStreamTransport(
+                self.compute_device, n, self.use_non_blocking, self.debug, self.reader_streams
+            )
         else:
             transport = SyncTransport()
         run = _Run(slots, transport, len(self.order))

@@ -22,7 +22,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from .block_manager import BlockSwapEngine
+from .block_manager import BlockSwapEngine, default_pinned_budget
 from .config import SwapConfig
 from .quant.reader import is_gguf_weight
 from .utils import format_bytes
@@ -65,19 +65,23 @@ class SwapPlan:
         config: SwapConfig,
         choice: WanSwapSelection,
         load_device: torch.device,
-        offload_device: torch.device,
     ):
         self.config = config
         self.diffusion_model = diffusion_model
+        # Host slabs live in CPU RAM whatever ComfyUI's offload device is: with --highvram/--gpu-only it is
+        # the GPU, and "swapped" blocks there would save nothing.
         self.engine = BlockSwapEngine(
             choice.units,
             choice.swap,
             compute_device=load_device,
-            offload_device=offload_device,
+            offload_device="cpu",
             prefetch_blocks=config.prefetch_blocks,
             use_non_blocking=config.use_non_blocking,
+            pinned_budget_bytes=pinned_budget,
             debug=config.block_swap_debug,
             placement="host",  # ComfyUI's own load() places resident blocks; slabs are home between runs
+            on_slab_built=_SlabProgress(),
+            reader_streams=_comfy_offload_streams(load_device),
         )
         swapped = self.engine.swapped_units
         self.swapped_module_ids = {id(m) for unit in swapped for m in unit.module.modules()}
@@ -97,10 +101,13 @@ class SwapPlan:
     # -- ownership of the shared module ------------------------------------------------------
 
     def take_module(self) -> None:
-        """Hand the shared module over to this plan: the previous owner gives up its slabs (the tensors
-        keep their memory), and this plan's slabs become the swapped tensors' home."""
+        """Hand the shared module over to this plan: slabs of blocks both plans swap pass to this plan (a
+        LoRA or strength change never copies the model again), the previous owner gives up the rest (the
+        tensors keep their memory), and this plan's slabs become the swapped tensors' home."""
         owner = owner_plan(self.diffusion_model)
         if owner is not None and owner is not self:
+            owner.end_run()
+            self.engine.adopt_slabs(owner.engine)
             owner.engine.forget_slabs()
         _MODULE_OWNERS[self.diffusion_model] = weakref.ref(self)
 
@@ -186,6 +193,47 @@ class SwapPlan:
             else:
                 setattr(module, f"{attr}_function", [])
         self._functions_set = []
+
+
+def pinned_budget() -> int:
+    """What this pack may page-lock now: ComfyUI's own pinned-memory limit (0.3.69+; it is lower on
+    Windows) or, where it has none, a safe share of RAM, less what ComfyUI has pinned itself."""
+    import comfy.model_management as mm
+
+    limit = getattr(mm, "MAX_PINNED_MEMORY", -1)
+    if not isinstance(limit, (int, float)) or limit <= 0:
+        limit = default_pinned_budget()
+    return int(limit - getattr(mm, "TOTAL_PINNED_MEMORY", 0))
+
+
+class _SlabProgress:
+    """ComfyUI's progress bar over the host slabs being built (the first load of a large model)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        import comfy.utils
+
+        if done == 1 or self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total)
+        self.bar.update_absolute(done, total)
+
+
+def _comfy_offload_streams(device: torch.device):
+    """ComfyUI's own offload streams for `device` (0.3.64+ with --async-offload; on by default from
+    0.3.76): it casts weights on them, so they must wait for a slot's copy like the compute stream."""
+    import comfy.model_management as mm
+
+    def streams():
+        table = getattr(mm, "STREAMS", None)
+        if not isinstance(table, dict):
+            return ()
+        if device not in table and getattr(mm, "NUM_STREAMS", 1) > 1:
+            mm.get_offload_stream(device)  # created lazily at the first cast: create them now
+        return table.get(device, ())
+
+    return streams
 
 
 def plan_of(patcher) -> SwapPlan | None:
@@ -330,7 +378,7 @@ def apply_block_swap(model, config: SwapConfig):
     # (fully, LoRA fused, swapped blocks on the GPU), ComfyUI then unpatches and reloads it through
     # our load() instead of reusing that state.
     patched.patches_uuid = uuid.uuid4()
-    plan = SwapPlan(diffusion_model, config, choice, patched.load_device, patched.offload_device)
+    plan = SwapPlan(diffusion_model, config, choice, patched.load_device)
     patched.set_attachments(ATTACHMENT_KEY, plan)
     patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, _on_pre_run)
     patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, CALLBACK_KEY, _on_cleanup)
@@ -338,6 +386,13 @@ def apply_block_swap(model, config: SwapConfig):
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CALLBACK_KEY, _diffusion_model_wrapper
     )
     _log_setup(plan, config)
+    if torch.device(patched.offload_device).type != "cpu":
+        log.info(
+            "[BlockSwap] ComfyUI's offload device is %s (--highvram / --gpu-only): it would keep the whole "
+            "model in VRAM. The %d swapped blocks are kept in CPU RAM as asked.",
+            patched.offload_device,
+            config.blocks_to_swap,
+        )
     return patched
 
 

@@ -3,9 +3,9 @@
 # the ComfyUI checkout(s) under .hosts/ on the GPU, and the 14B-shaped benchmark with ComfyUI's own
 # offloading for comparison. Prints short tables; logs and JSON go to OUTDIR.
 #   bash scripts/gpu_check.sh [OUTDIR]      (OUTDIR defaults to $OUT, else /tmp/gpu_check)
-#   PARTS="cuda host" bash scripts/gpu_check.sh    (a subset of: cuda host bench)
+#   PARTS="cuda host" bash scripts/gpu_check.sh    (a subset of: cuda host setups bench)
 set -uo pipefail
-PARTS=${PARTS:-cuda host bench}
+PARTS=${PARTS:-cuda host setups bench}
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUTDIR"
@@ -31,6 +31,23 @@ if [ -n "$HOST" ] && [[ " $PARTS " == *" host "* ]]; then
   [ -d .hosts/ComfyUI-GGUF ] && export COMFYUI_GGUF_PATH=$PWD/.hosts/ComfyUI-GGUF
   WAN22_COMFYUI=$PWD/$HOST WAN22_COMFYUI_GPU=1 timeout 200 $PY -m pytest tests/host -q -rs -p no:cacheprovider \
     -o "python_files=host_cuda.py host_blockswap.py host_loader.py" 2>&1 | tee "$OUTDIR/host_tests.log" | tail -15
+fi
+
+if [ -n "$HOST" ] && [[ " $PARTS " == *" setups "* ]]; then
+  # The setups users run on real hardware: --highvram (offload device = GPU), --async-offload on 0.3.64
+  # (ComfyUI casts on its own streams), a model created on the GPU and a failing pin (CUDA tests), two
+  # experts sharing the pinned budget.
+  echo "== setups: highvram ($HOST)"
+  WAN22_COMFYUI=$PWD/$HOST WAN22_COMFYUI_GPU=1 WAN22_COMFYUI_FLAGS=highvram timeout 150 $PY -m pytest tests/host -q -rs \
+    -p no:cacheprovider -o "python_files=host_blockswap.py" 2>&1 | tee "$OUTDIR/setups_highvram.log" | tail -4
+  OLD=$(ls -d .hosts/*0.3.64*/ 2>/dev/null | head -1 | sed 's:/$::')
+  if [ -n "$OLD" ]; then
+    echo "== setups: async offload ($OLD)"
+    WAN22_COMFYUI=$PWD/$OLD WAN22_COMFYUI_GPU=1 WAN22_COMFYUI_FLAGS=async_offload timeout 150 $PY -m pytest tests/host -q \
+      -rs -p no:cacheprovider -o "python_files=host_blockswap.py" 2>&1 | tee "$OUTDIR/setups_async.log" | tail -4
+  fi
+  echo "== setups: CUDA placement and pinning"
+  timeout 120 $PY -m pytest tests/cuda -q -rs -p no:cacheprovider -k "gpu or pin" 2>&1 | tail -4
 fi
 
 [[ " $PARTS " == *" bench "* ]] || exit 0

@@ -25,6 +25,9 @@ if _host:
 
     # Before comfy.model_management is imported: CPU mode unless the child was asked for the GPU.
     comfy.cli_args.args.cpu = os.environ.get("WAN22_COMFYUI_GPU") != "1"
+    # ComfyUI command-line switches for a GPU run, e.g. WAN22_COMFYUI_FLAGS=highvram or async_offload.
+    for flag in filter(None, os.environ.get("WAN22_COMFYUI_FLAGS", "").split(",")):
+        setattr(comfy.cli_args.args, flag, True)
 
 
 def _load_package():

@@ -19,7 +19,8 @@ def make_engine(model, blocks_to_swap, prefetch=0, **kwargs):
         offload_img_emb=kwargs.pop("offload_img_emb", False),
         placement=kwargs.pop("placement", "tail"),
     )
-    return bm.BlockSwapEngine(choice.units, choice.swap, "cpu", prefetch_blocks=prefetch, **kwargs)
+    device = kwargs.pop("compute_device", "cpu")
+    return bm.BlockSwapEngine(choice.units, choice.swap, device, prefetch_blocks=prefetch, **kwargs)
 
 
 def snapshot(model):
@@ -649,3 +650,130 @@ def test_default_pinned_budget_is_the_share_quoted_in_the_tooltip():
     with engine.attached():
         model(**sm.example_inputs(model))
     assert engine.pinned_bytes() == 0 and bm.pinned_bytes_in_use() == 0
+
+
+# -- host memory: pinning failures, the shared pinned budget, RAM before slabs -----------------------
+
+
+class FakeCudart:
+    """What CUDA's runtime would answer, on a machine without one."""
+
+    def __init__(self, register_error=0, unregister_error=0):
+        self.register_error, self.unregister_error = register_error, unregister_error
+        self.registered: dict[int, int] = {}
+
+    def cudaHostRegister(self, ptr, size, flags):
+        if not self.register_error:
+            self.registered[ptr] = size
+        return self.register_error
+
+    def cudaHostUnregister(self, ptr):
+        self.registered.pop(ptr, None)
+        return self.unregister_error
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A CUDA runtime stand-in and a record of every time the engine cleared CUDA's last error."""
+
+    def install(**errors):
+        runtime = FakeCudart(**errors)
+        runtime.discarded = []
+        monkeypatch.setattr(bm, "_cuda_runtime", lambda: runtime)
+        monkeypatch.setattr(bm, "_discard_cuda_error", lambda: runtime.discarded.append(True))
+        return runtime
+
+    return install
+
+
+def gpu_engine(model, blocks_to_swap, **kwargs):
+    """An engine that thinks its compute device is a GPU: park() builds (and pins) slabs, nothing runs."""
+    return make_engine(
+        model, blocks_to_swap, prefetch=1, compute_device="cuda", use_non_blocking=True, **kwargs
+    )
+
+
+def test_a_failed_pin_clears_cudas_error_and_falls_back_to_pageable_with_one_warning(fake_cuda, caplog):
+    runtime = fake_cuda(register_error=712)  # cudaErrorHostMemoryAlreadyRegistered, say
+    model = sm.build_model("tiny", num_layers=4)
+    engine = gpu_engine(model, 3)
+    with caplog.at_level("WARNING"):
+        engine.park()
+    assert engine.pinned_bytes() == 0 and bm.pinned_bytes_in_use() == 0
+    assert len(runtime.discarded) == 3  # one clear per failed register: no stale error reaches a kernel
+    assert sum("pageable RAM" in r.message for r in caplog.records) == 1
+    assert all(u.slab.device.type == "cpu" for u in engine.swapped_units)
+    engine.release()
+
+
+def test_a_failed_unpin_is_reported_and_cleared(fake_cuda, caplog):
+    runtime = fake_cuda(unregister_error=1)
+    model = sm.build_model("tiny", num_layers=4)
+    engine = gpu_engine(model, 2, pinned_budget_bytes=2**40)
+    engine.park()
+    assert engine.pinned_bytes() > 0 and len(runtime.registered) == 2
+    with caplog.at_level("WARNING"):
+        engine.release()
+    assert len(runtime.discarded) == 2
+    assert sum("cudaHostUnregister failed" in r.message for r in caplog.records) == 2
+    assert bm.pinned_bytes_in_use() == 0
+
+
+def test_two_models_share_the_pinned_budget_in_proportion(fake_cuda):
+    fake_cuda()
+    high, low = sm.build_model("tiny", num_layers=4, seed=1), sm.build_model("tiny", num_layers=4, seed=2)
+    budget = (
+        4 * max(u.param_bytes() for u in make_engine(high, 4).swapped_units) + 4 * bm.TENSOR_ALIGNMENT * 40
+    )
+    engines = [gpu_engine(m, 4, pinned_budget_bytes=budget) for m in (high, low)]
+    engines[0].park()  # the first expert to load must leave the second its share
+    engines[1].park()
+    pinned = [e.pinned_bytes() for e in engines]
+    assert pinned[0] > 0 and pinned[1] > 0, pinned
+    assert abs(pinned[0] - pinned[1]) <= max(u.nbytes for u in engines[0].swapped_units)
+    assert sum(pinned) <= budget
+    for e in engines:
+        e.release()
+    assert bm.pinned_bytes_in_use() == 0
+
+
+def test_slabs_that_do_not_fit_in_free_ram_are_refused_before_any_is_built(models, monkeypatch):
+    model = sm.build_model("tiny", num_layers=4)
+    engine = make_engine(model, 3)
+    before = snapshot(model)
+    params_before = [id(p) for p in model.parameters()]
+    monkeypatch.setattr(bm, "available_ram", lambda: 1000)
+    with pytest.raises(
+        bm.HostMemoryError, match=r"Not enough free RAM .* needed, 1000\.0 B|Not enough free RAM"
+    ):
+        engine.park()
+    err = pytest.raises(bm.HostMemoryError, engine.park).value
+    assert "available" in str(err) and "fp8" in str(err) and "swapped units" in str(err)
+    assert all(u.slab is None for u in engine.swapped_units) and engine.counters.slabs_built == 0
+    assert_restored(model, before, params_before)
+
+
+def test_slab_progress_is_reported_and_counted(models):
+    model = sm.build_model("tiny", num_layers=4)
+    ticks = []
+    engine = make_engine(model, 3, on_slab_built=lambda done, total: ticks.append((done, total)))
+    engine.park()
+    engine.park()  # slabs current: nothing built again
+    assert ticks == [(1, 3), (2, 3), (3, 3)]
+    assert engine.counters.slabs_built == 3
+    assert engine.counters.slab_bytes_built == sum(u.nbytes for u in engine.swapped_units)
+
+
+def test_a_second_plan_for_the_same_model_adopts_the_slabs_without_copying(models):
+    model = sm.build_model("tiny", num_layers=6)
+    inputs = sm.example_inputs(model)
+    reference = model(**inputs)
+    first, second = make_engine(model, 4), make_engine(model, 5)
+    with first.attached():
+        model(**inputs)
+    adopted = second.adopt_slabs(first)
+    first.forget_slabs()
+    assert adopted == sum(u.nbytes for u in second.swapped_units[1:])  # blocks 2-5: both swap them
+    with second.attached():
+        assert torch.equal(model(**inputs), reference)
+    assert second.counters.slabs_built == 1  # only block 1, which the first plan kept on the device

@@ -121,3 +121,39 @@ def test_cuda_peak_vram_stays_within_resident_plus_slots_plus_activations(model)
     assert peak <= bound + slack, (peak, bound)
     assert peak < non_unit + resident_all.resident_bytes() + activations  # and it does save memory
     engine.release()
+
+
+def test_cuda_host_placement_keeps_swapped_blocks_in_ram_for_a_model_created_on_the_gpu():
+    """Checkpoint loaders create the model on the GPU when it fits: inside ComfyUI (placement "host") a
+    swapped block's home between runs is its host slab, never VRAM."""
+    m = sm.build_model("1.3b", "t2v", num_layers=4, dtype=torch.bfloat16, device=CUDA, init_device=CUDA)
+    inputs = sm.example_inputs(m, tokens=256)
+    with torch.inference_mode():
+        reference = m(**inputs).clone()
+    choice = wu.select_wan_units(m, 3)
+    engine = bm.BlockSwapEngine(choice.units, choice.swap, CUDA, prefetch_blocks=1, placement="host")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(2):
+        with engine.attached(), torch.inference_mode():
+            assert torch.equal(m(**inputs), reference)
+        for unit in engine.swapped_units:
+            assert all(t.device.type == "cpu" for *_, t in unit.tensors()), unit.name
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before - engine.swapped_bytes() + 2**20
+    engine.release()
+
+
+def test_cuda_a_failed_pin_leaves_no_error_for_the_next_kernel():
+    buffer = torch.empty(2**20, dtype=torch.uint8)
+    runtime = torch.cuda.cudart()
+    assert int(runtime.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)) == 0
+    try:
+        before = bm.pinned_bytes_in_use()
+        assert bm._pin_in_place(buffer) is False  # already registered: CUDA refuses
+        assert bm.pinned_bytes_in_use() == before
+        x = torch.ones(4, device=CUDA) + 1  # would raise the stale error without the clear
+        torch.cuda.synchronize()
+        assert x.sum().item() == 8
+    finally:
+        runtime.cudaHostUnregister(buffer.data_ptr())

@@ -300,3 +300,71 @@ def test_fp8_weights_give_the_same_output_as_unswapped(checkpoints):
     swapped = swap(base, blocks_to_swap=4, prefetch_blocks=1)
     assert torch.equal(sample(swapped), reference)
     assert plan(swapped).engine.counters.bytes_copied > 0
+
+
+# -- the setups users run (2/2): device placement, pinned memory, RAM --------------------------------
+
+
+def test_a_lora_strength_change_reuses_the_host_copies(checkpoints):
+    """LoraLoader re-run with another strength -> a new clone -> the BlockSwap node runs again: its plan
+    takes the first plan's slabs over instead of copying the swapped blocks into RAM again."""
+    base = load(checkpoints["t2v"])
+    patches = _lora_patches(base)
+    strong, weak = base.clone(), base.clone()
+    strong.add_patches(patches, 1.0)
+    weak.add_patches(patches, 0.3)
+    references = [sample(strong), sample(weak)]
+    swapped = [swap(m, blocks_to_swap=3, prefetch_blocks=1) for m in (strong, weak)]
+    tol = 1e-4 if mm.get_torch_device().type == "cpu" else 5e-2
+    for _ in range(2):  # strong, weak, strong, weak: the module changes hands three times
+        for model, reference in zip(swapped, references, strict=True):
+            torch.testing.assert_close(sample(model), reference, rtol=tol, atol=tol)
+    built = sum(plan(m).engine.counters.slab_bytes_built for m in swapped)
+    owner = plan(swapped[1]).engine  # sampled last: it holds the slabs now
+    assert built == sum(u.nbytes for u in owner.swapped_units) > 0  # one copy into RAM, ever
+
+
+def test_slabs_stay_in_cpu_ram_when_comfyui_offloads_to_the_gpu(checkpoints, caplog):
+    """--highvram / --gpu-only make ComfyUI's offload device the GPU; swapped blocks must still go to RAM."""
+    model = load(checkpoints["t2v"])
+    model.offload_device = torch.device("cuda", 0)  # what ComfyUI reports in those modes
+    with caplog.at_level(logging.INFO):
+        swapped = swap(model, blocks_to_swap=2)
+    p = plan(swapped)
+    assert p.engine.offload_device == torch.device("cpu")
+    p.engine.park()  # on a CPU machine a slab on the "GPU" would fail here
+    assert all(u.slab.device.type == "cpu" for u in p.engine.swapped_units)
+    assert any(
+        "--highvram / --gpu-only" in r.message and "kept in CPU RAM" in r.message for r in caplog.records
+    )
+
+
+def test_the_pinned_budget_is_comfyuis_limit_less_what_comfyui_pinned(monkeypatch):
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 10 * 2**30, raising=False)
+    monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 3 * 2**30, raising=False)
+    assert callbacks.pinned_budget() == 7 * 2**30
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1, raising=False)  # ComfyUI pins nothing itself here
+    from wan22_blockswap.block_manager import default_pinned_budget
+
+    assert callbacks.pinned_budget() == default_pinned_budget() - 3 * 2**30
+
+
+def test_comfyuis_offload_streams_wait_for_slot_copies_too(monkeypatch):
+    """0.3.64 --async-offload casts even resident weights on ComfyUI's offload streams: they read slots."""
+    device = torch.device("cuda", 0)
+    made = []
+
+    def fake_get_offload_stream(dev):
+        made.append(dev)
+        mm.STREAMS[dev] = ["stream-a", "stream-b"]
+        return "stream-a"
+
+    monkeypatch.setattr(mm, "STREAMS", {}, raising=False)
+    monkeypatch.setattr(mm, "NUM_STREAMS", 2, raising=False)
+    monkeypatch.setattr(mm, "get_offload_stream", fake_get_offload_stream)
+    streams = callbacks._comfy_offload_streams(device)
+    assert list(streams()) == ["stream-a", "stream-b"] and made == [device]  # created before the first cast
+    assert list(streams()) == ["stream-a", "stream-b"] and made == [device]
+    monkeypatch.setattr(mm, "NUM_STREAMS", 1, raising=False)
+    monkeypatch.setattr(mm, "STREAMS", {}, raising=False)
+    assert list(callbacks._comfy_offload_streams(device)()) == []  # no async offload: nothing extra
