@@ -368,3 +368,35 @@ def test_comfyuis_offload_streams_wait_for_slot_copies_too(monkeypatch):
     monkeypatch.setattr(mm, "NUM_STREAMS", 1, raising=False)
     monkeypatch.setattr(mm, "STREAMS", {}, raising=False)
     assert list(callbacks._comfy_offload_streams(device)()) == []  # no async offload: nothing extra
+
+
+def test_dropping_the_model_frees_its_host_copies_and_returns_its_pinned_share(tmp_path):
+    """What ComfyUI's /free (unload_models + free_memory) amounts to: models unloaded, then released."""
+    import gc
+    import weakref
+
+    import psutil
+
+    from wan22_blockswap import block_manager as bm
+
+    path = write_checkpoint(tmp_path, "t2v", dim=512, num_layers=4)
+
+    def load_sample_drop():
+        model = swap(load(path), blocks_to_swap=4, use_non_blocking=True, prefetch_blocks=1)
+        sample(model)
+        engine = plan(model).engine
+        refs = [weakref.ref(engine)] + [weakref.ref(u.slab) for u in engine.swapped_units]
+        slab_bytes = sum(u.nbytes for u in engine.swapped_units)
+        del model, engine
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+        gc.collect()
+        return refs, slab_bytes
+
+    load_sample_drop()  # first time: ComfyUI's and torch's own one-off allocations
+    rss_before = psutil.Process().memory_info().rss
+    refs, slab_bytes = load_sample_drop()
+    assert slab_bytes > 30 * 2**20
+    assert all(ref() is None for ref in refs)  # the engine and every slab are gone
+    assert len(bm._PINNED.claims) == 0 and bm.pinned_bytes_in_use() == 0
+    assert psutil.Process().memory_info().rss < rss_before + slab_bytes // 4  # the RAM went back to the OS
