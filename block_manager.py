@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .config import check_choice, check_int
 from .utils import format_bytes
@@ -61,8 +62,25 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor:
         return alias.set_(t.untyped_storage(), t.storage_offset(), torch.Tensor.size(t), t.stride())
 
 
+def is_wrapper_tensor(t: torch.Tensor) -> bool:
+    """A wrapper tensor subclass (comfy_kitchen's QuantizedTensor for fp8_scaled / mixed-precision
+    weights): it reports a logical dtype and shape while its bytes live in inner tensors that
+    ``__tensor_flatten__`` names. Its own "storage" is not its data: never alias or copy it directly."""
+    return is_traceable_wrapper_subclass(t)
+
+
+def inner_tensors(t: torch.Tensor) -> list[tuple[str | None, torch.Tensor]]:
+    """The plain tensors that hold t's bytes: (None, t) for an ordinary tensor, one entry per inner
+    tensor of a wrapper subclass."""
+    if not is_wrapper_tensor(t):
+        return [(None, t)]
+    names, _ctx = t.__tensor_flatten__()
+    return [(name, getattr(t, name)) for name in names]
+
+
 def tensor_nbytes(t: torch.Tensor) -> int:
-    return torch.Tensor.numel(t) * t.element_size()
+    """Bytes t really occupies (a wrapper's inner tensors, not its logical dtype and shape)."""
+    return sum(torch.Tensor.numel(part) * part.element_size() for _, part in inner_tensors(t))
 
 
 def _set_tensor(owner: nn.Module, attr: str, is_param: bool, value: torch.Tensor) -> None:
@@ -70,11 +88,15 @@ def _set_tensor(owner: nn.Module, attr: str, is_param: bool, value: torch.Tensor
 
     Keeping the object keeps everything that refers to it valid (optimizers don't matter here, but
     ComfyUI's accounting, LoRA backups and tensor-subclass attributes such as a GGUF quant type do).
+    A wrapper subclass has no storage of its own to re-point: the wrapper built around the new inner
+    views takes the old one's place.
     """
-    if is_param:
-        owner._parameters[attr].data = value
-    else:
+    if not is_param:
         owner._buffers[attr] = value
+    elif is_wrapper_tensor(value):
+        owner._parameters[attr] = value
+    else:
+        owner._parameters[attr].data = value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,16 +105,34 @@ def _set_tensor(owner: nn.Module, attr: str, is_param: bool, value: torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """Where one parameter or buffer of a unit lives inside its slab (and inside any device slot)."""
+class ByteRange:
+    """One plain tensor's bytes inside a slab (and inside any device slot)."""
 
-    owner: nn.Module
-    attr: str
-    is_param: bool
+    name: str | None  # the inner tensor's attribute in a wrapper subclass; None for a plain tensor
     offset: int
     nbytes: int
     dtype: torch.dtype
     shape: torch.Size
+    stride: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Where one parameter or buffer of a unit lives inside its slab (and inside any device slot).
+
+    A plain tensor is one byte range; a wrapper subclass is one range per inner tensor, plus what its
+    ``__tensor_unflatten__`` needs to build the same wrapper around views of them.
+    """
+
+    owner: nn.Module
+    attr: str
+    is_param: bool
+    ranges: tuple[ByteRange, ...]
+    wrapper: tuple[type, object, torch.Size, tuple[int, ...]] | None = None  # (class, ctx, size, stride)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.ranges)
 
 
 @dataclasses.dataclass(eq=False)
@@ -439,8 +479,9 @@ class _StandalonePlacement:
         for unit in engine.resident_units:
             for owner, attr, is_param, t in unit.tensors():
                 if t.device != engine.compute_device:
-                    self.moved.append((owner, attr, is_param, plain_tensor(t)))
-                    _set_tensor(owner, attr, is_param, plain_tensor(t).to(engine.compute_device))
+                    original = t if is_wrapper_tensor(t) else plain_tensor(t)
+                    self.moved.append((owner, attr, is_param, original))
+                    _set_tensor(owner, attr, is_param, original.to(engine.compute_device))
 
     def after_run(self, engine: BlockSwapEngine) -> None:
         for unit in engine.order:
@@ -523,6 +564,7 @@ class BlockSwapEngine:
             )
         for name in swap:
             by_name[name].swapped = True
+            _check_movable(by_name[name])
         check_int("prefetch_blocks", prefetch_blocks, 0)
         if isinstance(pinned_budget_bytes, int) and pinned_budget_bytes < 0:
             raise ValueError(f"pinned_budget_bytes must be >= 0 or None (got {pinned_budget_bytes})")
@@ -845,12 +887,13 @@ class BlockSwapEngine:
         self._placement.remember_home(unit, current[0][3].device if current else self.offload_device)
         unit.slab = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.offload_device)
         unit.slab_views = [_view(unit.slab, spec) for spec in unit.layout]
+        _check_views_alias(unit, unit.slab)
         if pin:
             unit.slab_pinned = _pin_in_place(unit.slab)
             if unit.slab_pinned:
                 self._pinned_slabs.append(unit.slab)
         for (*_, t), view in zip(current, unit.slab_views, strict=True):
-            view.copy_(plain_tensor(t))
+            _copy_bytes(view, t)
         self._bind(unit, unit.slab_views)
         self.counters.slabs_built += 1
         self.counters.slab_bytes_built += unit.nbytes
@@ -861,10 +904,10 @@ class BlockSwapEngine:
         stale = [
             (t, view)
             for (*_, t), view in zip(unit.tensors(), unit.slab_views, strict=True)
-            if t.data_ptr() != view.data_ptr()
+            if [leaf.data_ptr() for leaf in _leaves(t)] != [leaf.data_ptr() for leaf in _leaves(view)]
         ]
         for t, view in stale:
-            view.copy_(plain_tensor(t))
+            _copy_bytes(view, t)
         if stale:
             self._bind(unit, unit.slab_views)
 
@@ -991,9 +1034,16 @@ def _layout(tensors: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> tuple[l
     """Where each tensor goes in a slab (and in any slot), and the slab's size."""
     layout, offset = [], 0
     for owner, attr, is_param, t in tensors:
-        nbytes = tensor_nbytes(t)
-        layout.append(TensorSpec(owner, attr, is_param, offset, nbytes, t.dtype, torch.Tensor.size(t)))
-        offset = _align(offset + nbytes)
+        ranges = []
+        for name, part in inner_tensors(t):
+            nbytes = torch.Tensor.numel(part) * part.element_size()
+            ranges.append(ByteRange(name, offset, nbytes, part.dtype, torch.Tensor.size(part), part.stride()))
+            offset = _align(offset + nbytes)
+        wrapper = None
+        if is_wrapper_tensor(t):
+            _names, ctx = t.__tensor_flatten__()
+            wrapper = (type(t), ctx, t.size(), t.stride())
+        layout.append(TensorSpec(owner, attr, is_param, tuple(ranges), wrapper))
     return layout, offset
 
 
@@ -1002,9 +1052,59 @@ def _layout_size(unit: SwapUnit) -> int:
     return unit.nbytes or _layout(list(unit.tensors()))[1]
 
 
+def _range_view(buffer: torch.Tensor, r: ByteRange) -> torch.Tensor:
+    raw = buffer[r.offset : r.offset + r.nbytes]
+    return raw.view(r.dtype).as_strided(r.shape, r.stride)
+
+
 def _view(buffer: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
-    raw = buffer[spec.offset : spec.offset + spec.nbytes]
-    return raw.view(spec.dtype).view(spec.shape)
+    """The tensor `spec` describes, with its bytes in `buffer` (a slab or a slot)."""
+    if spec.wrapper is None:
+        return _range_view(buffer, spec.ranges[0])
+    cls, ctx, size, stride = spec.wrapper
+    inner = {r.name: _range_view(buffer, r) for r in spec.ranges}
+    rebuilt = cls.__tensor_unflatten__(inner, ctx, size, stride)
+    if spec.is_param:
+        # What nn.Parameter(wrapper) marks; Parameter() itself would detach, and a wrapper's detach may
+        # copy its inner tensors (QuantizedTensor clones its scale) out of the slab.
+        rebuilt._is_param = True
+    return rebuilt
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """Plain aliases of the tensors that hold t's bytes (see `inner_tensors`)."""
+    return [plain_tensor(part) for _, part in inner_tensors(t)]
+
+
+def _check_movable(unit: SwapUnit) -> None:
+    """Refuse, before anything is touched, a tensor whose bytes the engine cannot move: a wrapper
+    subclass whose inner tensors are wrappers again."""
+    for owner, attr, _, t in unit.tensors():
+        for name, part in inner_tensors(t):
+            if name is not None and is_wrapper_tensor(part):
+                raise ValueError(
+                    f"{unit.name}: {type(owner).__name__}.{attr} is a {type(t).__name__} whose inner tensor "
+                    f"{name!r} is itself a {type(part).__name__}: the engine cannot swap this layout; keep "
+                    "this block resident (fewer blocks_to_swap) or load the model in another format"
+                )
+
+
+def _check_views_alias(unit: SwapUnit, buffer: torch.Tensor) -> None:
+    """Every rebuilt view must keep its bytes in `buffer`; a wrapper that copies its inner tensors when it
+    is rebuilt would silently read stale data from elsewhere."""
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+    for spec, view in zip(unit.layout, unit.slab_views, strict=True):
+        if not all(start <= leaf.data_ptr() < end for leaf in _leaves(view)):
+            raise ValueError(
+                f"{unit.name}: {type(spec.owner).__name__}.{spec.attr} ({type(view).__name__}) does not keep "
+                "its bytes in the views it is rebuilt from, so it cannot be swapped; keep this block resident"
+            )
+
+
+def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy src's bytes into dst (same layout), tensor by inner tensor, without any subclass logic."""
+    for to, frm in zip(_leaves(dst), _leaves(src), strict=True):
+        to.copy_(frm)
 
 
 def _group_units(units: list[SwapUnit]) -> dict[str, list[SwapUnit]]:

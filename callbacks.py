@@ -85,6 +85,7 @@ class SwapPlan:
         )
         swapped = self.engine.swapped_units
         self.swapped_module_ids = {id(m) for unit in swapped for m in unit.module.modules()}
+        self.swapped_layers = [m for unit in swapped for m in unit.module.modules()]
         # ComfyUI's weight key of every swapped tensor -> (owning module, attribute name).
         self.keyed_tensors: dict[str, tuple[torch.nn.Module, str]] = {}
         for unit in swapped:
@@ -174,16 +175,34 @@ class SwapPlan:
 
     def _install_lora(self, patcher) -> None:
         patches = patcher.patches
+        wrappers = getattr(patcher, "weight_wrapper_patches", None) or {}
         for key, (module, attr) in self.keyed_tensors.items():
-            if key not in patches:
+            if key not in patches and key not in wrappers:
                 continue
             tensor = getattr(module, attr)
             if is_gguf_weight(tensor):
-                tensor.patches = [(patches[key], key)]  # GGUF layers apply these after dequantizing
-                self._functions_set.append((module, attr))
+                if key in patches:
+                    tensor.patches = [(patches[key], key)]  # GGUF layers apply these after dequantizing
+                    self._functions_set.append((module, attr))
             elif attr in ("weight", "bias") and hasattr(module, f"{attr}_function"):
-                setattr(module, f"{attr}_function", [comfy.model_patcher.LowVramPatch(key, patches)])
+                functions = [_lowvram_patch(patcher, key)] if key in patches else []
+                functions += list(wrappers.get(key, ()))  # as ComfyUI's load() extends its own layers
+                setattr(module, f"{attr}_function", functions)
                 self._functions_set.append((module, attr))
+
+    def apply_cast_flags(self, patcher) -> None:
+        """The cast flags ComfyUI's load() sets on the layers it lists, set on the swapped ones it never
+        sees: `comfy_force_cast_weights` (0.8.1+), and `comfy_cast_weights` when the model must cast
+        (ModelComputeDtype, force_cast_weights), keeping the previous value where ComfyUI keeps it, so
+        its own unpatching restores both."""
+        force = bool(getattr(patcher, "force_cast_weights", False))
+        for module in self.swapped_layers:
+            if not hasattr(module, "comfy_cast_weights"):
+                continue
+            module.comfy_force_cast_weights = force
+            if force and not hasattr(module, "prev_comfy_cast_weights"):
+                module.prev_comfy_cast_weights = module.comfy_cast_weights
+                module.comfy_cast_weights = True
 
     def _remove_lora(self) -> None:
         for module, attr in self._functions_set:
@@ -193,6 +212,16 @@ class SwapPlan:
             else:
                 setattr(module, f"{attr}_function", [])
         self._functions_set = []
+
+
+def _lowvram_patch(patcher, key: str):
+    """ComfyUI's per-forward LoRA patch for `key`, built as its own lowvram path builds it: with the
+    layer's convert/set functions (scaled fp8 layers rescale through them), where the host has them."""
+    get_key_weight = getattr(comfy.model_patcher, "get_key_weight", None)
+    if get_key_weight is None:
+        return comfy.model_patcher.LowVramPatch(key, patcher.patches)
+    _weight, set_func, convert_func = get_key_weight(patcher.model, key)
+    return comfy.model_patcher.LowVramPatch(key, patcher.patches, convert_func, set_func)
 
 
 def pinned_budget() -> int:
@@ -297,8 +326,9 @@ class BlockSwapPatcherMixin:
             full_load=False,
             **kwargs,
         )
-        # Count the run's slots as loaded, so ComfyUI keeps room for them (e.g. for the VAE decode).
-        self.model.model_loaded_weight_memory += plan.slot_bytes
+        # ComfyUI's loaded-memory figure stays what it counted: the resident weights it moved. The slots
+        # exist only during a run; room for them was kept by loading `slot_bytes` less than granted.
+        plan.apply_cast_flags(self)
         return result
 
 

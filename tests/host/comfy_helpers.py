@@ -155,3 +155,24 @@ def expected_bytes(p: callbacks.SwapPlan, passes: int) -> int:
     if len(units) <= p.engine.num_slots():
         return per_pass  # everything fits in the slots: copied once per run
     return per_pass * passes + sum(u.nbytes for u in units[: p.engine.prefetch_blocks])
+
+
+def fp8_scaled_state_dict(state_dict: dict) -> dict:
+    """A state dict in the fp8_scaled format of ComfyUI's WAN 2.2 fp8 files: each block linear weight in
+    float8_e4m3fn with its per-layer `scale_weight`, and the `scaled_fp8` marker."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("blocks.") and key.endswith(".weight") and value.ndim == 2:
+            scale = value.abs().max().float() / 448.0  # e4m3fn's largest value
+            out[key] = (value / scale).to(torch.float8_e4m3fn)
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            out[key] = value
+    out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def write_fp8_scaled_checkpoint(tmp_path: Path, variant: str = "t2v", **kwargs) -> Path:
+    path = tmp_path / f"tiny_wan_{variant}_fp8_scaled.safetensors"
+    save_file(fp8_scaled_state_dict(checkpoint_state_dict(variant, **kwargs)), str(path))
+    return path

@@ -1,0 +1,159 @@
+"""BlockSwap under ComfyUI's real memory manager, driven as on a small card (see lowvram.py)."""
+
+from __future__ import annotations
+
+import comfy.model_patcher
+import pytest
+import torch
+
+from wan22_blockswap import callbacks, nodes
+
+from .comfy_helpers import load, sample, write_checkpoint, write_fp8_scaled_checkpoint
+from .host_blockswap import _lora_patches
+from .lowvram import DEVICE, SimulatedCard, loaded_weight_memory
+
+
+def swap(model, **settings):
+    (out,) = nodes.WAN22BlockSwap().apply(model, **{"blocks_to_swap": 2, **settings})
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # dim 1024, 4 blocks: 48 MiB per block in fp32, 225 MiB in all. ComfyUI 0.3.64 never gives a model
+    # less than 128 MiB, so smaller models would always load fully there.
+    return write_checkpoint(tmp_path_factory.mktemp("lowvram"), "t2v", dim=1024, ffn_dim=2048, num_layers=4)
+
+
+def model_bytes(patcher) -> int:
+    return sum(t.numel() * t.element_size() for t in patcher.model.diffusion_model.state_dict().values())
+
+
+def test_canary_an_unswapped_model_really_gets_a_partial_load_with_lowvram_patches(checkpoint):
+    """Proves the harness works: ComfyUI itself offloads layers, with per-forward LoRA patches."""
+    card = SimulatedCard(total=0)
+    with card.active():
+        model = load(checkpoint)
+        assert model.load_device == DEVICE
+        card.total = int(model_bytes(model) * 0.6)
+        lora = model.clone()
+        lora.add_patches(_lora_patches(model), 1.0)
+        sample(lora, steps=1)
+        loaded = loaded_weight_memory(lora)
+        assert 0 < loaded < model_bytes(model) * 0.75, loaded
+        assert loaded == pytest.approx(card.weights_on_card(lora), rel=0.05)
+        dm = model.model.diffusion_model
+        patched = [
+            m
+            for m in dm.modules()
+            if any(isinstance(f, comfy.model_patcher.LowVramPatch) for f in getattr(m, "weight_function", []))
+        ]
+        casting = [m for m in dm.modules() if getattr(m, "comfy_cast_weights", False)]
+        assert patched and casting
+        assert any(mod is not dm and device == DEVICE for mod, device in card.moves)
+
+
+# -- the five findings -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp8_scaled(tmp_path_factory):
+    return write_fp8_scaled_checkpoint(tmp_path_factory.mktemp("fp8s"), "t2v")
+
+
+def lora_effect_ratio(swapped_out, reference_lora, reference_plain) -> float:
+    """How far the swapped LoRA run is from the unswapped LoRA run, as a share of the LoRA's own effect."""
+    effect = (reference_lora - reference_plain).abs().mean()
+    return float((swapped_out - reference_lora).abs().mean() / effect)
+
+
+def test_fp8_scaled_blocks_are_swapped_for_real_and_sample_like_unswapped(fp8_scaled):
+    """Finding 1: on 0.8.1+ these weights are comfy_kitchen QuantizedTensors; the first BlockSwap load
+    used to kill the process in park()."""
+    from safetensors import safe_open
+
+    base = load(fp8_scaled)
+    reference = sample(base)
+    swapped = swap(base, blocks_to_swap=3, prefetch_blocks=1)
+    assert torch.equal(sample(swapped), reference)
+    engine = callbacks.plan_of(swapped).engine
+    assert engine.counters.bytes_copied > 0
+    # The bytes that moved are the file's: fp8 weights and their scales, not a float copy of them.
+    with safe_open(str(fp8_scaled), "pt") as f:
+        file_bytes = sum(
+            f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+            for k in f.keys()
+            if k.startswith("blocks.3.")
+        )
+    unit = next(u for u in engine.swapped_units if u.name == "blocks.3")
+    assert 0.9 * file_bytes <= unit.param_bytes() <= 1.01 * file_bytes  # a float copy would be 4x
+    assert unit.slab is not None and all(
+        unit.slab.data_ptr() <= leaf.data_ptr() < unit.slab.data_ptr() + unit.slab.numel()
+        for _, _, _, t in unit.tensors()
+        for _, leaf in callbacks_inner(t)
+    )
+
+
+def callbacks_inner(t):
+    from wan22_blockswap.block_manager import inner_tensors
+
+    return inner_tensors(t)
+
+
+def test_lora_on_swapped_fp8_scaled_layers_is_comfyuis_own_per_forward_patch(fp8_scaled):
+    """Finding 2: swapped layers get the per-forward LoRA patch exactly as ComfyUI's lowvram path builds
+    it (with the layer's convert/set functions). On a card where ComfyUI offloads every layer it lists,
+    the unswapped model runs that same patch on every layer, so both must agree."""
+    card = SimulatedCard(total=2**40, vram_state="NO_VRAM")  # NO_VRAM: ComfyUI offloads every layer
+    with card.active(), torch.no_grad():  # ComfyUI runs nodes without autograd
+        base = load(fp8_scaled)
+        plain = sample(base)
+        lora = base.clone()
+        lora.add_patches(_lora_patches(base), 1.0)
+        reference = sample(lora)
+        swapped = swap(lora, blocks_to_swap=3)
+        out = sample(swapped)
+    assert callbacks.plan_of(swapped).engine.counters.bytes_copied > 0
+    assert lora_effect_ratio(out, reference, plain) < 0.05
+    assert lora_effect_ratio(plain, reference, plain) == pytest.approx(1.0)  # the LoRA has an effect
+
+
+@pytest.mark.parametrize("first", ["unswapped", "swapped"])
+def test_compute_dtype_is_honoured_on_swapped_blocks(checkpoint, first):
+    """Finding 3: ModelComputeDtype (force_cast_weights) reaches hidden modules too, whichever clone
+    loaded the shared module first."""
+    base = load(checkpoint)
+    cast = base.clone()
+    cast.set_model_compute_dtype(torch.bfloat16)
+    swapped = swap(cast, blocks_to_swap=2)
+    runs = {"unswapped": lambda: sample(cast, steps=1), "swapped": lambda: sample(swapped, steps=1)}
+    order = [first, "swapped" if first == "unswapped" else "unswapped"]
+    out = {name: runs[name]() for name in order}
+    torch.testing.assert_close(out["swapped"], out["unswapped"], rtol=0, atol=0)
+
+
+def test_comfyuis_numbers_are_where_the_tensors_are_on_every_sampling_call(checkpoint):
+    """Finding 4: the slots exist only during a run; counting them as loaded weights made the second
+    call's budget one slot set too large."""
+    card = SimulatedCard(total=0)
+    with card.active():
+        base = load(checkpoint)
+        block = max(
+            sum(t.numel() * t.element_size() for t in b.state_dict().values())
+            for b in base.model.diffusion_model.blocks
+        )
+        card.total = model_bytes(base) - block  # the whole model does not fit
+        swapped = swap(base, blocks_to_swap=2, prefetch_blocks=1)
+        engine = callbacks.plan_of(swapped).engine
+        resident = []
+        for _ in range(3):  # a looper's calls: high, high, low ... with no unload in between
+            sample(swapped, steps=1)
+            assert loaded_weight_memory(swapped) == card.weights_on_card(swapped)
+            assert card.slots_on_card() == 0 and not engine.is_attached
+            resident.append(card.weights_on_card(swapped))
+            for unit in engine.swapped_units:  # no swapped block ever went to the card
+                assert all(
+                    card.ledger.get((m, a)) != DEVICE for m, a in ((s.owner, s.attr) for s in unit.layout)
+                )
+        assert resident[1] == resident[0] == resident[2]
+        assert resident[0] + engine.slot_bytes() <= card.total
