@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import comfy.model_management as mm
 import comfy.model_patcher
 import pytest
 import torch
@@ -157,3 +160,105 @@ def test_comfyuis_numbers_are_where_the_tensors_are_on_every_sampling_call(check
                 )
         assert resident[1] == resident[0] == resident[2]
         assert resident[0] + engine.slot_bytes() <= card.total
+
+
+# -- the formats users load, each swapped == unswapped -----------------------------------------------
+
+# ComfyUI 0.3.64 never grants a model less than 128 MiB: tiny models always load fully there.
+HAS_128_MIB_FLOOR = "128 * 1024 * 1024" in __import__("inspect").getsource(mm.load_models_gpu)
+FORMATS = ["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "fp8_scaled", "gguf", "comfyui_gguf"]
+QUANTIZED = {"fp8_e4m3fn", "fp8_e5m2", "fp8_scaled", "gguf", "comfyui_gguf"}
+
+
+@pytest.fixture(scope="module")
+def format_files(tmp_path_factory):
+    from wan22_blockswap.bench.gguf_writer import write_wan_gguf
+
+    from .comfy_helpers import checkpoint_state_dict
+    from .host_loader import qtype_for
+
+    root = tmp_path_factory.mktemp("formats")
+    gguf_path = root / "tiny_wan_t2v.gguf"
+    write_wan_gguf(gguf_path, checkpoint_state_dict("t2v"), qtype_for)
+    return {
+        "safetensors": write_checkpoint(root, "t2v"),
+        "fp8_scaled": write_fp8_scaled_checkpoint(root),
+        "gguf": gguf_path,
+    }
+
+
+def load_format(fmt, files, model_dir):
+    from wan22_blockswap import loader
+
+    from .host_loader import COMFY_GGUF, _import_comfyui_gguf, place
+
+    if fmt in ("fp32", "fp16", "bf16"):
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[fmt]
+        return load(files["safetensors"], dtype=dtype)
+    if fmt.startswith("fp8_e"):
+        return load(files["safetensors"], dtype=getattr(torch, "float8_" + fmt[4:]))
+    if fmt == "fp8_scaled":
+        return load(files["fp8_scaled"])
+    if fmt == "gguf":
+        return loader.load_gguf_model(str(files["gguf"]))
+    if not COMFY_GGUF.is_dir():
+        pytest.skip(f"ComfyUI-GGUF not found at {COMFY_GGUF}")
+    gguf_nodes = __import__("sys").modules.get("ComfyUI-GGUF.nodes") or _import_comfyui_gguf()
+    (name,) = place(model_dir, files["gguf"])
+    (model,) = gguf_nodes.UnetLoaderGGUF().load_unet(name, dequant_dtype="float32")
+    return model
+
+
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    import folder_paths
+
+    root = tmp_path / "diffusion_models"
+    root.mkdir()
+    _paths, extensions = folder_paths.folder_names_and_paths["diffusion_models"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(root)], extensions))
+    return root
+
+
+@pytest.mark.parametrize("card", ["cpu_mode", "small_card"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_swapped_equals_unswapped(fmt, card, format_files, model_dir):
+    simulated = SimulatedCard(total=0) if card == "small_card" else None
+    with simulated.active() if simulated else _nothing():
+        model = load_format(fmt, format_files, model_dir)
+        if simulated:
+            simulated.total = int(model_bytes(model) * 0.5)  # ComfyUI must offload part of the model
+        reference = sample(model, steps=2)
+        if simulated and not HAS_128_MIB_FLOOR:
+            assert loaded_weight_memory(model) < model_bytes(model)  # really a partial load
+        swapped = swap(model, blocks_to_swap=2, prefetch_blocks=1)
+        assert torch.equal(sample(swapped, steps=2), reference)
+        assert callbacks.plan_of(swapped).engine.counters.bytes_copied > 0
+        assert torch.equal(sample(model, steps=2), reference)  # the plain model afterwards
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_with_a_lora_swapped_equals_unswapped(fmt, format_files, model_dir):
+    """LoRA: the swapped layers apply ComfyUI's own per-forward patch; on a card where ComfyUI offloads
+    every layer it lists (NO_VRAM) the unswapped model runs that same patch everywhere."""
+    from .host_loader import lora_patches
+
+    card = SimulatedCard(total=2**40, vram_state="NO_VRAM")
+    with card.active(), torch.no_grad():
+        model = load_format(fmt, format_files, model_dir)
+        plain = sample(model, steps=2)
+        lora = model.clone()
+        lora.add_patches(lora_patches(model), 1.0)
+        reference = sample(lora, steps=2)
+        swapped = swap(lora, blocks_to_swap=2, prefetch_blocks=1)
+        out = sample(swapped, steps=2)
+    assert lora_effect_ratio(plain, reference, plain) == pytest.approx(1.0)
+    if fmt in QUANTIZED:
+        assert lora_effect_ratio(out, reference, plain) < 0.05
+    else:
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
