@@ -262,3 +262,161 @@ def test_every_format_with_a_lora_swapped_equals_unswapped(fmt, format_files, mo
 @contextlib.contextmanager
 def _nothing():
     yield
+
+
+# -- the model patches users stack on WAN ---------------------------------------------------------
+
+
+def node_model(output):
+    """The MODEL a ComfyUI node returned (v1 tuples and v3 NodeOutput alike)."""
+    result = getattr(output, "result", output)
+    return result[0]
+
+
+def _patch_shift(model):
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    return node_model(ModelSamplingSD3().patch(model, 8.0))
+
+
+def _patch_compile(model):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    out = model.clone()
+    set_torch_compile_wrapper(out, backend="eager")  # a backend that runs on CPU without a compiler
+    return out
+
+
+def _patch_cache(kind):
+    def patch(model):
+        import comfy_extras.nodes_easycache as nodes_easycache
+
+        node = getattr(nodes_easycache, kind, None)
+        if node is None:
+            pytest.skip(f"this ComfyUI has no {kind}")
+        return node_model(node.execute(model, 0.2, 0.0, 1.0, False))
+
+    return patch
+
+
+def _patch_slg(model):
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
+
+    node = SkipLayerGuidanceDiT
+    execute = node.execute if hasattr(node, "define_schema") else node().skip_guidance
+    # Blocks 2 and 3 are swapped: skipping them makes the engine's ring jump over them.
+    return node_model(execute(model, 3.0, 0.0, 1.0, "2,3", "", 0))
+
+
+MODEL_PATCHES = {
+    "ModelSamplingSD3": _patch_shift,
+    "TorchCompileModel": _patch_compile,
+    "EasyCache": _patch_cache("EasyCacheNode"),
+    "LazyCache": _patch_cache("LazyCacheNode"),
+    "SkipLayerGuidanceDiT": _patch_slg,
+}
+
+
+@pytest.mark.parametrize("patch", list(MODEL_PATCHES))
+@pytest.mark.parametrize("order", ["patch_then_swap", "swap_then_patch"])
+def test_model_patches_give_the_same_output_with_block_swap(patch, order, format_files):
+    base = load(format_files["safetensors"])
+    apply = MODEL_PATCHES[patch]
+    patched = apply(base)
+    with torch.no_grad():
+        reference = sample(patched, steps=4)
+        swapped = (
+            swap(patched, blocks_to_swap=2, prefetch_blocks=1)
+            if order == "patch_then_swap"
+            else apply(swap(base, blocks_to_swap=2, prefetch_blocks=1))
+        )
+        assert torch.equal(sample(swapped, steps=4), reference)
+    assert callbacks.plan_of(swapped).engine.counters.bytes_copied > 0
+
+
+# -- WAN 2.2 high/low as most users run it --------------------------------------------------------
+
+
+def ksampler_advanced(model, latent, start, end, seed=0, add_noise=True, leftover=True):
+    import nodes as comfy_nodes  # ComfyUI's nodes.py (tests import ours as wan22_blockswap.nodes)
+
+    from .comfy_helpers import conditioning
+
+    out = comfy_nodes.KSamplerAdvanced().sample(
+        model,
+        "enable" if add_noise else "disable",
+        seed,
+        8,
+        1.0,  # distilled experts run without CFG
+        "euler",
+        "simple",
+        conditioning(1),
+        conditioning(2),
+        latent,
+        start,
+        end,
+        "enable" if leftover else "disable",
+    )
+    return out[0]
+
+
+def two_expert_run(high, low):
+    latent = {"samples": torch.zeros(1, 16, 1, 8, 8)}
+    with torch.no_grad():
+        mid = ksampler_advanced(high, latent, 0, 4)
+        return ksampler_advanced(low, mid, 4, 8, add_noise=False, leftover=False)["samples"]
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    high = write_checkpoint(tmp_path_factory.mktemp("high"), "t2v", seed=11)
+    low = write_checkpoint(tmp_path_factory.mktemp("low"), "t2v", seed=12)
+    return high, low
+
+
+def distilled(path, seed):
+    """An expert as the LightX2V 4-step workflow has it: a distill LoRA and ModelSamplingSD3 shift 5."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    base = load(path)
+    lora = base.clone()
+    lora.add_patches(_lora_patches(base, seed=seed), 1.0)
+    return node_model(ModelSamplingSD3().patch(lora, 5.0))
+
+
+@pytest.mark.parametrize("card", ["cpu_mode", "both_fit", "one_fits"])
+def test_wan22_high_low_with_distill_loras_and_two_advanced_samplers(experts, card):
+    high_path, low_path = experts
+    simulated = None if card == "cpu_mode" else SimulatedCard(total=0)
+    with simulated.active() if simulated else _nothing():
+        high, low = distilled(high_path, 5), distilled(low_path, 6)
+        if simulated:
+            one = model_bytes(high)
+            simulated.total = 3 * one if card == "both_fit" else int(one * 1.3)
+        reference = two_expert_run(high, low)
+        swapped = [swap(m, blocks_to_swap=2, prefetch_blocks=1) for m in (high, low)]
+        first = two_expert_run(*swapped)
+        again = two_expert_run(*swapped)  # high, low, high, low: each expert comes back
+        if simulated:
+            for m in swapped:
+                assert loaded_weight_memory(m) == simulated.weights_on_card(m)
+            assert simulated.used() <= simulated.total
+    tol = dict(rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    torch.testing.assert_close(first, reference, **tol)
+    torch.testing.assert_close(again, reference, **tol)
+    for m in swapped:
+        assert callbacks.plan_of(m).engine.counters.bytes_copied > 0
+
+
+def test_an_unswapped_clone_then_the_swapped_one_then_the_unswapped_one_again(checkpoint):
+    card = SimulatedCard(total=0)
+    with card.active():
+        base = load(checkpoint)
+        card.total = int(model_bytes(base) * 0.8)
+        reference = sample(base, steps=1)
+        swapped = swap(base, blocks_to_swap=2, prefetch_blocks=1)
+        assert torch.equal(sample(swapped, steps=1), reference)
+        assert loaded_weight_memory(swapped) == card.weights_on_card(swapped)
+        assert torch.equal(sample(base, steps=1), reference)
+        assert loaded_weight_memory(base) == pytest.approx(card.weights_on_card(base), rel=0.02)
+        assert torch.equal(sample(swapped, steps=1), reference)
