@@ -122,6 +122,7 @@ class SwapPlan:
             for key in self.keyed_tensors.keys() & set(pinned):
                 patcher.unpin_weight(key)
         self._restore_original_weights(patcher)
+        _drop_dynamic_state(self.diffusion_model)
         self.take_module()
         self.engine.park()
 
@@ -373,6 +374,33 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
         plan.end_run()
 
 
+def _without_dynamic_vram(model):
+    """A classic ModelPatcher over the same diffusion module as the dynamic-VRAM `model`.
+
+    `clone(disable_dynamic=True)` alone rebuilds the model from its file (the loader's reload function)
+    while the dynamic one stays cached: the weights twice in RAM, and an error for loaders without a
+    reload function. Handing the clone this model's own module (`model_override`) copies nothing.
+    """
+    override = getattr(model, "get_clone_model_override", None)
+    if override is None:  # a host without the override API: its own (reloading) path
+        return model.clone(disable_dynamic=True)
+    return model.clone(disable_dynamic=True, model_override=override())
+
+
+def _drop_dynamic_state(diffusion_model: torch.nn.Module) -> None:
+    """Release what dynamic VRAM attached to layers it loaded before (`_v`: a region of its virtual
+    VRAM buffer); ComfyUI's layers take the dynamic path while it is there. Dynamic VRAM allocates it
+    again when it loads the module itself."""
+    layers = [m for m in diffusion_model.modules() if hasattr(m, "_v")]
+    if not layers:
+        return
+    import comfy_aimdo.model_vbar
+
+    for m in layers:
+        comfy_aimdo.model_vbar.vbar_unpin(m._v)
+        delattr(m, "_v")
+
+
 def apply_block_swap(model, config: SwapConfig):
     """The node's work: a clone of `model` that streams the configured blocks. `model` is unchanged."""
     from .wan.units import is_wan_model, vace_blocks
@@ -384,7 +412,7 @@ def apply_block_swap(model, config: SwapConfig):
                 "Set override_dynamic_vram to use block swapping instead."
             )
             return model
-        model = model.clone(disable_dynamic=True)
+        model = _without_dynamic_vram(model)
     diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
     if not is_wan_model(diffusion_model):
         got = type(diffusion_model).__name__ if diffusion_model is not None else type(model).__name__

@@ -113,7 +113,7 @@ class WAN22BlockSwap:
                 "default": False,
                 "tooltip": "ComfyUI 0.16+ with dynamic VRAM already streams weights per layer; by default this "
                 "node then leaves the model to ComfyUI and says so in the log. Turn on to use block swapping "
-                "instead (the model is reloaded without dynamic VRAM).",
+                "instead (the same weights, taken out of dynamic VRAM; nothing is reloaded).",
             },
         )
         return inputs

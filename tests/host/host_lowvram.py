@@ -420,3 +420,31 @@ def test_an_unswapped_clone_then_the_swapped_one_then_the_unswapped_one_again(ch
         assert torch.equal(sample(base, steps=1), reference)
         assert loaded_weight_memory(base) == pytest.approx(card.weights_on_card(base), rel=0.02)
         assert torch.equal(sample(swapped, steps=1), reference)
+
+
+# -- dynamic VRAM opt-in (ComfyUI 0.16+) ------------------------------------------------------------
+
+
+def test_dynamic_vram_opt_in_reuses_the_loaded_weights_instead_of_reloading_the_file(checkpoint, monkeypatch):
+    """Finding 5: override_dynamic_vram used `clone(disable_dynamic=True)`, which rebuilds the model from
+    its file while the dynamic one stays cached (2x RAM), and fails for loaders with no reload function."""
+    dynamic_cls = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
+    if dynamic_cls is None:
+        pytest.skip("this ComfyUI has no dynamic VRAM (ModelPatcherDynamic)")
+    # Its per-device host buffers come from comfy-aimdo's CUDA library; without a GPU skip only that.
+    monkeypatch.setattr(dynamic_cls, "register_load_device", lambda self, device: None)
+    card = SimulatedCard(total=2**40)
+    with card.active():
+        base = load(checkpoint)
+        reference = sample(base, steps=1)
+        dynamic = dynamic_cls(base.model, base.load_device, base.offload_device, base.size)
+        assert dynamic.is_dynamic()
+        reloads = []
+        dynamic.cached_patcher_init = (lambda *a, **k: reloads.append(a) or load(checkpoint), ())
+        (swapped,) = nodes.WAN22BlockSwap().apply(dynamic, blocks_to_swap=2, override_dynamic_vram=True)
+        assert reloads == []  # the file was not loaded a second time
+        assert swapped.model is base.model and not swapped.is_dynamic()
+        assert torch.equal(sample(swapped, steps=1), reference)
+        dynamic.cached_patcher_init = None  # a loader with no reload function works the same
+        (again,) = nodes.WAN22BlockSwap().apply(dynamic, blocks_to_swap=2, override_dynamic_vram=True)
+        assert again.model is base.model
