@@ -401,8 +401,12 @@ def _drop_dynamic_state(diffusion_model: torch.nn.Module) -> None:
         delattr(m, "_v")
 
 
-def apply_block_swap(model, config: SwapConfig):
-    """The node's work: a clone of `model` that streams the configured blocks. `model` is unchanged."""
+def apply_block_swap(model, config: SwapConfig, shared_plans: dict | None = None):
+    """The node's work: a clone of `model` that streams the configured blocks. `model` is unchanged.
+
+    shared_plans: diffusion module -> plan, for nodes that swap several models at once (the looper
+    nodes): models that share a module (LoRA clones of one model) share one plan and its host copies.
+    """
     from .wan.units import is_wan_model, vace_blocks
 
     if is_dynamic(model):
@@ -420,15 +424,28 @@ def apply_block_swap(model, config: SwapConfig):
             f"WAN 2.2 BlockSwap needs a WAN 2.1/2.2 diffusion model (WanModel and its VACE, camera, S2V, "
             f"HuMo, Animate variants); got {got}"
         )
-    vace = vace_blocks(diffusion_model)
-    config = config.fitted_to(len(diffusion_model.blocks), len(vace) if vace is not None else 0)
-    choice = select_wan_units(
-        diffusion_model,
-        config.blocks_to_swap,
-        config.vace_blocks_to_swap,
-        config.offload_txt_emb,
-        config.offload_img_emb,
-    )
+    plan = shared_plans.get(diffusion_model) if shared_plans is not None else None
+    if plan is None:
+        vace = vace_blocks(diffusion_model)
+        config = config.fitted_to(len(diffusion_model.blocks), len(vace) if vace is not None else 0)
+        choice = select_wan_units(
+            diffusion_model,
+            config.blocks_to_swap,
+            config.vace_blocks_to_swap,
+            config.offload_txt_emb,
+            config.offload_img_emb,
+        )
+        plan = SwapPlan(diffusion_model, config, choice, model.load_device)
+        if shared_plans is not None:
+            shared_plans[diffusion_model] = plan
+        _log_setup(plan, config)
+        if torch.device(model.offload_device).type != "cpu":
+            log.info(
+                "[BlockSwap] ComfyUI's offload device is %s (--highvram / --gpu-only): it would keep the whole "
+                "model in VRAM. The %d swapped blocks are kept in CPU RAM as asked.",
+                model.offload_device,
+                config.blocks_to_swap,
+            )
     patched = model.clone()
     patched.__class__ = swap_patcher_class(type(model))
     patched.size = getattr(model, "size", 0)
@@ -436,22 +453,63 @@ def apply_block_swap(model, config: SwapConfig):
     # (fully, LoRA fused, swapped blocks on the GPU), ComfyUI then unpatches and reloads it through
     # our load() instead of reusing that state.
     patched.patches_uuid = uuid.uuid4()
-    plan = SwapPlan(diffusion_model, config, choice, patched.load_device)
     patched.set_attachments(ATTACHMENT_KEY, plan)
     patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, _on_pre_run)
     patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, CALLBACK_KEY, _on_cleanup)
     patched.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CALLBACK_KEY, _diffusion_model_wrapper
     )
-    _log_setup(plan, config)
-    if torch.device(patched.offload_device).type != "cpu":
-        log.info(
-            "[BlockSwap] ComfyUI's offload device is %s (--highvram / --gpu-only): it would keep the whole "
-            "model in VRAM. The %d swapped blocks are kept in CPU RAM as asked.",
-            patched.offload_device,
-            config.blocks_to_swap,
-        )
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CALLBACK_KEY, _take_turn)
     return patched
+
+
+# -- experts that take turns (WAN 2.2 high/low, the looper nodes) -------------------------------
+
+
+# Diffusion module -> the modules it takes turns with in VRAM (WAN 2.2 high <-> low). Kept per module, not
+# per plan, so a pair linked by one node (Looper Models) stays linked for the LoRA clones another node
+# (Sequencer) makes of the same experts.
+_RIVALS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
+
+
+def make_rivals(first: list[SwapPlan], second: list[SwapPlan]) -> None:
+    """Models of `first` and of `second` never hold resident VRAM at the same time: before one samples,
+    the other's resident weights leave the device (see `_take_turn`), so each may use the whole grant."""
+    for a in first:
+        for b in second:
+            if a.diffusion_model is not b.diffusion_model:
+                _RIVALS.setdefault(a.diffusion_model, weakref.WeakSet()).add(b.diffusion_model)
+                _RIVALS.setdefault(b.diffusion_model, weakref.WeakSet()).add(a.diffusion_model)
+
+
+def rivals_of(plan: SwapPlan) -> set:
+    return set(_RIVALS.get(plan.diffusion_model, ()))
+
+
+def unload_rivals(plan: SwapPlan) -> int:
+    """Unload, through ComfyUI's own loaded-model list, every loaded model whose diffusion module takes
+    turns with `plan`'s. Returns how many were unloaded."""
+    import comfy.model_management as mm
+
+    rivals = rivals_of(plan)
+    unloaded = 0
+    for loaded in list(mm.current_loaded_models):
+        patcher = loaded.model
+        module = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+        if module is not None and any(module is r for r in rivals) and loaded.model_unload():
+            mm.current_loaded_models.remove(loaded)
+            unloaded += 1
+    return unloaded
+
+
+def _take_turn(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: runs before ComfyUI computes this model's VRAM grant and loads it."""
+    plan = plan_of(getattr(executor.class_obj, "model_patcher", None))
+    if plan is not None and plan.diffusion_model in _RIVALS:
+        n = unload_rivals(plan)
+        if n:
+            log.debug("[BlockSwap] %d rival expert(s) unloaded before this one samples", n)
+    return executor(*args, **kwargs)
 
 
 def _log_setup(plan: SwapPlan, config: SwapConfig) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import loader
+from . import loader, looper
 from .callbacks import apply_block_swap
 from .config import MAX_BLOCKS, MAX_PREFETCH, MAX_VACE_BLOCKS, SwapConfig
 from .wan.detect import MODEL_VARIANTS, WAN_VERSIONS
@@ -88,6 +88,18 @@ def swap_inputs() -> dict[str, dict]:
     }
 
 
+def override_dynamic_vram_input() -> tuple:
+    return (
+        "BOOLEAN",
+        {
+            "default": False,
+            "tooltip": "ComfyUI 0.16+ with dynamic VRAM already streams weights per layer; by default this "
+            "node then leaves the model to ComfyUI and says so in the log. Turn on to use block swapping "
+            "instead (the same weights, taken out of dynamic VRAM; nothing is reloaded).",
+        },
+    )
+
+
 class WAN22BlockSwap:
     DESCRIPTION = (
         "Keeps the chosen WAN transformer blocks in CPU RAM and streams each one to the GPU just before it "
@@ -107,15 +119,7 @@ class WAN22BlockSwap:
             "model": ("MODEL", {"tooltip": "A WAN 2.1/2.2 model from any loader (safetensors, fp8, GGUF)."}),
             **inputs["required"],
         }
-        inputs["optional"]["override_dynamic_vram"] = (
-            "BOOLEAN",
-            {
-                "default": False,
-                "tooltip": "ComfyUI 0.16+ with dynamic VRAM already streams weights per layer; by default this "
-                "node then leaves the model to ComfyUI and says so in the log. Turn on to use block swapping "
-                "instead (the same weights, taken out of dynamic VRAM; nothing is reloaded).",
-            },
-        )
+        inputs["optional"]["override_dynamic_vram"] = override_dynamic_vram_input()
         return inputs
 
     def apply(self, model, **settings):
@@ -229,3 +233,76 @@ class WANModelLoader:
 
 NODE_CLASS_MAPPINGS["WANModelLoader"] = WANModelLoader
 NODE_DISPLAY_NAME_MAPPINGS["WANModelLoader"] = "WAN Model Loader"
+
+
+LOOPER_CATEGORY = "ComfyUI_Wan22Blockswap/looper"
+
+
+class WAN22BlockSwapLooperModels:
+    DESCRIPTION = (
+        "Block swapping for a WAN 2.2 high-noise / low-noise pair, e.g. for WanVideoLooper. The two experts "
+        "take turns in VRAM: before one samples, ComfyUI unloads the other's resident blocks, so each can keep "
+        "as many blocks resident as the whole VRAM allows. Host copies are made once per expert and kept "
+        "across segments. Returns clones; the inputs are unchanged."
+    )
+    CATEGORY = LOOPER_CATEGORY
+    RETURN_TYPES = ("MODEL", "MODEL")
+    RETURN_NAMES = ("model_high", "model_low")
+    OUTPUT_TOOLTIPS = (
+        "The high-noise expert with block swapping.",
+        "The low-noise expert with block swapping.",
+    )
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = swap_inputs()
+        inputs["required"] = {
+            "model_high": ("MODEL", {"tooltip": "The WAN 2.2 high-noise expert (from any loader)."}),
+            "model_low": ("MODEL", {"tooltip": "The WAN 2.2 low-noise expert (from any loader)."}),
+            **inputs["required"],
+        }
+        inputs["optional"]["override_dynamic_vram"] = override_dynamic_vram_input()
+        return inputs
+
+    def apply(self, model_high, model_low, **settings):
+        return looper.swap_pair(model_high, model_low, SwapConfig(**settings))
+
+
+class WAN22BlockSwapSequencer:
+    DESCRIPTION = (
+        "Block swapping for every model of a WanVideo Lora Sequencer output: the same list, each model "
+        "replaced by its swapped clone, clips and empty entries untouched. Models that share a base model "
+        "(LoRA clones) share one set of host copies; high and low experts take turns in VRAM."
+    )
+    CATEGORY = LOOPER_CATEGORY
+    RETURN_TYPES = ("ANY",)  # WanVideoLooper matches the literal type name "ANY"
+    RETURN_NAMES = ("model_clip_sequence",)
+    OUTPUT_TOOLTIPS = ("Connect to WanVideoLooper's model_clip_sequence input.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = swap_inputs()
+        inputs["required"] = {
+            "model_clip_sequence": (
+                "ANY",
+                {
+                    "forceInput": True,
+                    "tooltip": "The output of WanVideo Lora Sequencer: a list of (model_high, model_low, clip) "
+                    "entries, any of them empty.",
+                },
+            ),
+            **inputs["required"],
+        }
+        inputs["optional"]["override_dynamic_vram"] = override_dynamic_vram_input()
+        return inputs
+
+    def apply(self, model_clip_sequence, **settings):
+        return (looper.swap_sequence(model_clip_sequence, SwapConfig(**settings)),)
+
+
+NODE_CLASS_MAPPINGS["wan22BlockSwapLooperModels"] = WAN22BlockSwapLooperModels
+NODE_DISPLAY_NAME_MAPPINGS["wan22BlockSwapLooperModels"] = "WAN22 BlockSwap Looper Models"
+NODE_CLASS_MAPPINGS["wan22BlockSwapSequencer"] = WAN22BlockSwapSequencer
+NODE_DISPLAY_NAME_MAPPINGS["wan22BlockSwapSequencer"] = "WAN22 BlockSwap Sequencer"

@@ -45,10 +45,11 @@ class SimulatedCard:
     def weights_on_card(self, model=None) -> int:
         """Bytes of weights ComfyUI moved onto the card (of one patcher's model, or of all)."""
         total = 0
+        members = {id(m) for m in model.model.modules()} if model is not None else None
         for (module, name), device in self.ledger.items():
             if device != DEVICE:
                 continue
-            if model is not None and not _belongs(module, model):
+            if members is not None and id(module) not in members:
                 continue
             t = module._parameters.get(name, module._buffers.get(name))
             if t is not None:
@@ -142,11 +143,6 @@ def _same(device, other: torch.device) -> bool:
         return torch.device(device) == other
     except (TypeError, RuntimeError):
         return False
-
-
-def _belongs(module, patcher) -> bool:
-    root = patcher.model
-    return any(m is module for m in root.modules())
 
 
 def loaded_weight_memory(patcher) -> int:
