@@ -212,3 +212,142 @@ def test_looper_nodes_are_registered_with_the_seed_inputs():
         ]
     assert nodes.WAN22BlockSwapSequencer.RETURN_TYPES == ("ANY",)
     assert nodes.WAN22BlockSwapLooperModels.RETURN_NAMES == ("model_high", "model_low")
+
+
+# -- the real WanVideoLooper nodes, driven directly --------------------------------------------------
+
+
+def _import_wanvideolooper():
+    import importlib.util
+    import sys
+
+    if "WanVideoLooper" in sys.modules:
+        return sys.modules["WanVideoLooper"]
+    spec = importlib.util.spec_from_file_location(
+        "WanVideoLooper", LOOPER / "__init__.py", submodule_search_locations=[str(LOOPER)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["WanVideoLooper"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class StandInClip:
+    """What the looper asks of a CLIP: tokenize, encode_from_tokens, clone. No WAN text encoder exists at
+    test size, so the conditioning is random, seeded by the prompt."""
+
+    def clone(self):
+        return self
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=True, return_dict=True):
+        g = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
+        return {"cond": torch.randn(1, 8, 4096, generator=g), "pooled_output": None}
+
+
+class StandInVae:
+    """Encodes pixels to a WAN latent and back, deterministically, asking ComfyUI for room as a real VAE's
+    load does (VAE work between sampling calls is where small cards run out of memory)."""
+
+    def __init__(self, card=None, nbytes=0):
+        self.card, self.nbytes = card, nbytes
+
+    def _room(self):
+        if self.card is not None:
+            with self.card.allocate(self.nbytes):
+                pass
+
+    def encode(self, pixels):
+        self._room()
+        frames, h, w, _ = pixels.shape
+        t = (frames + 3) // 4
+        pooled = torch.nn.functional.adaptive_avg_pool2d(pixels[:, :, :, 0].unsqueeze(0), (h // 8, w // 8))
+        return pooled[:, :t].unsqueeze(1).repeat(1, 16, 1, 1, 1)
+
+    def decode(self, latent):
+        self._room()
+        b, c, t, h, w = latent.shape
+        frames = (t - 1) * 4 + 1
+        image = torch.sigmoid(latent.mean(1, keepdim=True)).repeat_interleave(4, dim=2)[:, :, :frames]
+        image = torch.nn.functional.interpolate(image[0].permute(1, 0, 2, 3), scale_factor=8)  # (F, 1, H, W)
+        return image.permute(0, 2, 3, 1).repeat(1, 1, 1, 3).unsqueeze(0)  # (1, F, H, W, 3)
+
+
+def run_wanvideolooper(high, low, sequence=None, vae=None):
+    looper_pack = _import_wanvideolooper()
+    prompts, negative = looper_pack.WanVideoLooperPrompts().process_multiline_prompts(
+        "a red fox\nthe fox runs\nthe fox sleeps", "blurry", False, "", ""
+    )
+    with torch.no_grad():
+        images, last = looper_pack.WanVideoLooper().loop_video(
+            high,
+            low,
+            StandInClip(),
+            vae or StandInVae(),
+            torch.full((1, 64, 64, 3), 0.5),
+            prompts,
+            negative,
+            seed=3,
+            steps=4,
+            cfg_motion_noise=2.0,
+            cfg_noise=1.0,
+            sampler_name="euler",
+            scheduler="simple",
+            model_switch_point=0.9,
+            sigma_shift=8.0,
+            denoise=1.0,
+            width=64,
+            height=64,
+            frame_merge=1,
+            duration_sec=1,
+            enable_dry_run=False,
+            color_match_strength=1.0,
+            color_match_method="Disabled",
+            color_match_reference_frame="First Frame",
+            model_clip_sequence=sequence,
+        )
+    return images
+
+
+needs_looper = pytest.mark.skipif(
+    not (LOOPER / "wan_looper_node.py").is_file(),
+    reason=f"WanVideoLooper not found at {LOOPER} (set WANVIDEOLOOPER_PATH to a checkout of SquirrelRat/WanVideoLooper)",
+)
+
+
+@needs_looper
+@pytest.mark.parametrize("card", ["cpu_mode", "small_card"])
+def test_the_real_wanvideolooper_with_looper_models_equals_it_without_swapping(experts, card):
+    simulated = SimulatedCard(total=0) if card == "small_card" else None
+    with simulated.active() if simulated else contextlib.nullcontext():
+        high, low = (load(p) for p in experts)
+        size = sum(t.numel() * t.element_size() for t in high.model.state_dict().values())
+        if simulated:
+            simulated.total = int(size * 2.5)
+        vae = StandInVae(simulated, int(size * 0.8))
+        reference = run_wanvideolooper(high, low, vae=vae)
+        s_high, s_low = looper_models(high, low)
+        got = run_wanvideolooper(s_high, s_low, vae=vae)
+    assert reference.shape[0] > 17 and torch.equal(got, reference)
+    for m in (s_high, s_low):
+        engine = callbacks.plan_of(m).engine
+        assert engine.counters.bytes_copied > 0 and engine.counters.slabs_built == len(engine.swapped_units)
+
+
+@needs_looper
+def test_the_real_wanvideolooper_with_its_lora_sequencer_and_ours(experts):
+    looper_pack = _import_wanvideolooper()
+    high, low = (load(p) for p in experts)
+    lora = high.clone()
+    lora.add_patches(_lora_patches(high), 1.0)
+    (sequence,) = looper_pack.WanVideoLoraSequencer().sequence_models_clips(model_high_2=lora)
+    assert isinstance(sequence, list) and len(sequence) == 10
+    reference = run_wanvideolooper(high, low, sequence)
+    assert not torch.allclose(reference, run_wanvideolooper(high, low), atol=1e-4)  # segment 2's LoRA shows
+    (swapped_sequence,) = nodes.WAN22BlockSwapSequencer().apply(sequence, **SETTINGS)
+    s_high, s_low = looper_models(high, low)
+    got = run_wanvideolooper(s_high, s_low, swapped_sequence)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+    assert callbacks.plan_of(swapped_sequence[1][0]).engine.counters.bytes_copied > 0
