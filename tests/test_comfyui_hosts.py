@@ -61,24 +61,8 @@ def _missing_requirement(checkout: Path) -> str | None:
     return name or None
 
 
-@pytest.mark.host
-@pytest.mark.parametrize(
-    "checkout",
-    [pytest.param(p, id=_version(p)) for p in CHECKOUTS]
-    or [pytest.param(None, marks=pytest.mark.skip(reason=NO_HOST))],
-)
-def test_comfyui_host(checkout):
-    missing = _missing_requirement(checkout)
-    if missing:
-        reason = (
-            f"ComfyUI checkout {checkout} found, but this Python lacks its requirement {missing!r}: install "
-            f"{checkout / 'requirements.txt'} (without its torch lines), as .ci/run does"
-        )
-        if os.environ.get("WAN22_REQUIRE_HOSTS") == "1":  # .ci/run installed them: missing is a failure
-            pytest.fail(reason)
-        pytest.skip(reason)
-    env = dict(os.environ, WAN22_COMFYUI=str(checkout), PYTHONUNBUFFERED="1")
-    cmd = [
+def _host_command() -> list[str]:
+    return [
         sys.executable,
         "-m",
         "pytest",
@@ -92,7 +76,61 @@ def test_comfyui_host(checkout):
         "--rootdir",
         str(ROOT),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    output = proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def host_runs(tmp_path_factory):
+    """Every checkout's host tests, started together (each in its own process, one thread each: the tiny
+    models gain nothing from more), so the checkouts share the machine's cores instead of queueing."""
+    runs = {}
+    logs = tmp_path_factory.mktemp("host_logs")
+    for checkout in CHECKOUTS:
+        missing = _missing_requirement(checkout)
+        if missing:
+            runs[checkout] = missing
+            continue
+        env = dict(
+            os.environ,
+            WAN22_COMFYUI=str(checkout),
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+        )
+        log = open(logs / f"{_version(checkout)}.log", "w+")  # noqa: SIM115 - closed when the test reads it
+        runs[checkout] = (
+            subprocess.Popen(_host_command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+            log,
+        )
+    yield runs
+    for run in runs.values():
+        if isinstance(run, tuple) and run[0].poll() is None:
+            run[0].kill()
+
+
+@pytest.mark.host
+@pytest.mark.parametrize(
+    "checkout",
+    [pytest.param(p, id=_version(p)) for p in CHECKOUTS]
+    or [pytest.param(None, marks=pytest.mark.skip(reason=NO_HOST))],
+)
+def test_comfyui_host(checkout, host_runs):
+    run = host_runs[checkout]
+    if isinstance(run, str):
+        reason = (
+            f"ComfyUI checkout {checkout} found, but this Python lacks its requirement {run!r}: install "
+            f"{checkout / 'requirements.txt'} (without its torch lines), as .ci/run does"
+        )
+        if os.environ.get("WAN22_REQUIRE_HOSTS") == "1":  # .ci/run installed them: missing is a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
+    proc, log = run
+    try:
+        returncode = proc.wait(timeout=2400)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        returncode = "timeout"
+    log.seek(0)
+    output = log.read()
+    log.close()
     print(output[-6000:])
-    assert proc.returncode == 0, f"host tests failed on ComfyUI {_version(checkout)}:\n{output[-12000:]}"
+    assert returncode == 0, f"host tests failed on ComfyUI {_version(checkout)}:\n{output[-12000:]}"

@@ -351,3 +351,35 @@ def test_the_real_wanvideolooper_with_its_lora_sequencer_and_ours(experts):
     got = run_wanvideolooper(s_high, s_low, swapped_sequence)
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
     assert callbacks.plan_of(swapped_sequence[1][0]).engine.counters.bytes_copied > 0
+
+
+def test_a_gguf_pair_with_a_lora_in_the_sequence_loops_like_unswapped(experts, tmp_path):
+    from wan22_blockswap import loader
+    from wan22_blockswap.bench.gguf_writer import write_wan_gguf
+
+    from .comfy_helpers import checkpoint_state_dict
+    from .host_loader import lora_patches, qtype_for
+    from .host_lowvram import lora_effect_ratio
+
+    paths = []
+    for name, seed in (("high", 21), ("low", 22)):
+        path = tmp_path / f"{name}.gguf"
+        write_wan_gguf(path, checkpoint_state_dict("t2v", seed=seed), qtype_for)
+        paths.append(str(path))
+    high, low = (loader.load_gguf_model(p) for p in paths)
+    lora = high.clone()
+    lora.add_patches(lora_patches(high), 1.0)
+    sequence = [None, (lora, None, None)] + [None] * 8
+
+    def pick(seq, base, index):
+        return lambda i: seq[i][index] if seq[i] is not None and seq[i][index] is not None else base
+
+    with torch.no_grad():
+        plain = looper_segments(lambda i: high, lambda i: low)
+        reference = looper_segments(pick(sequence, high, 0), pick(sequence, low, 1))
+        (swapped_seq,) = nodes.WAN22BlockSwapSequencer().apply(sequence, **SETTINGS)
+        s_high, s_low = looper_models(high, low)
+        got = looper_segments(pick(swapped_seq, s_high, 0), pick(swapped_seq, s_low, 1))
+    # Segment 2's LoRA is the only difference from the plain loop; the swapped loop must reproduce it.
+    assert lora_effect_ratio(got, reference, plain) < 0.05
+    assert callbacks.plan_of(swapped_seq[1][0]).engine.counters.bytes_copied > 0
