@@ -41,6 +41,7 @@ CHECKOUT = Path(os.environ["WAN22_COMFYUI"]).resolve()
 TEST_NODES = Path(__file__).resolve().parent / "server_nodes"
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 
+LOOPER = Path(os.environ.get("WANVIDEOLOOPER_PATH") or Path.home() / "comfy-hosts" / "WanVideoLooper")
 PACK_DIR = "ComfyUI-Wan22Blockswap"  # the folder name the pack gets in custom_nodes/
 TEST_NODES_DIR = "wan22_test_nodes"
 HOST = "127.0.0.1"
@@ -104,6 +105,8 @@ def _install(base: Path) -> None:
     custom_nodes.mkdir(parents=True)
     (custom_nodes / PACK_DIR).symlink_to(ROOT, target_is_directory=True)
     (custom_nodes / TEST_NODES_DIR).symlink_to(TEST_NODES, target_is_directory=True)
+    if (LOOPER / "wan_looper_node.py").is_file():  # for the looper example workflow
+        (custom_nodes / "WanVideoLooper").symlink_to(LOOPER, target_is_directory=True)
     for folder in ("user", "input", "output", "temp", "models/diffusion_models"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     write_checkpoint(base / "models" / "diffusion_models", "t2v")  # tiny_wan_t2v.safetensors
@@ -400,7 +403,7 @@ def test_server_log_is_clean(server, executed):
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # virtual nodes of the UI, never sent to the server
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-MODEL_FILE_WIDGETS = {"unet_name", "clip_name", "vae_name"}  # this server has other files than users
+MODEL_FILE_WIDGETS = {"unet_name", "clip_name", "vae_name", "image"}  # this server has other files than users
 
 
 def _spec(info: dict, name: str) -> tuple[object, dict]:
@@ -429,7 +432,9 @@ def _value_problem(name: str, type_: object, options: dict, value: object) -> st
     if isinstance(type_, list) or type_ == "COMBO":
         choices = type_ if isinstance(type_, list) else options.get("options", [])
         if name in MODEL_FILE_WIDGETS:
-            ok = isinstance(value, str) and value.endswith((".safetensors", ".gguf", ".pt", ".pth"))
+            ok = isinstance(value, str) and value.endswith(
+                (".safetensors", ".gguf", ".pt", ".pth", ".png", ".jpg")
+            )
         else:
             ok = value in choices
         return None if ok else f"{value!r} is not one of {choices[:12]}"
@@ -546,32 +551,61 @@ def _nodes_of(workflow: dict, kind: str) -> list[dict]:
 
 
 def test_server_example_workflows_exist():
-    assert [p.name for p in WORKFLOWS] == ["wan22_blockswap_t2v.json"]
+    assert [p.name for p in WORKFLOWS] == ["wan22_blockswap_t2v.json", "wan22_looper_high_low.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_server_example_workflow_loads(path, object_info):
     workflow = json.loads(path.read_text())
+    if (
+        any(n["type"].startswith("WanVideoLooper") for n in workflow["nodes"])
+        and "WanVideoLooper" not in object_info
+    ):
+        pytest.skip(f"needs the WanVideoLooper pack (not found at {LOOPER}; set WANVIDEOLOOPER_PATH)")
     assert workflow_problems(workflow, object_info) == []
+
+
+def _links_of(workflow):
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+
+    def source(node: dict, input_name: str) -> tuple[dict, int]:
+        (slot,) = [s for s in node["inputs"] if s["name"] == input_name]
+        origin = links[slot["link"]]
+        return nodes[origin[1]], origin[2]
+
+    return source
+
+
+def test_server_t2v_example_shows_loader_blockswap_sampler(object_info):
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_blockswap_t2v.json").read_text())
     (swap,) = _nodes_of(workflow, "WAN22BlockSwap")
     settings = widget_values(swap, object_info)
     assert settings["blocks_to_swap"] == 20
     assert settings["use_non_blocking"] is True
     assert settings["prefetch_blocks"] == 1
-    # The chain the example exists to show: loader -> BlockSwap -> KSampler.
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    links = {link[0]: link for link in workflow["links"]}
-
-    def source(node: dict, input_name: str) -> dict:
-        (slot,) = [s for s in node["inputs"] if s["name"] == input_name]
-        return nodes[links[slot["link"]][1]]
-
+    source = _links_of(workflow)
     (sampler,) = _nodes_of(workflow, "KSampler")
-    assert source(sampler, "model") is swap
-    assert source(swap, "model")["type"] == "UNETLoader"
-    latent = source(sampler, "latent_image")
+    assert source(sampler, "model")[0] is swap
+    assert source(swap, "model")[0]["type"] == "UNETLoader"
+    latent = source(sampler, "latent_image")[0]
     assert latent["type"] == "EmptyHunyuanLatentVideo"
     assert widget_values(latent, object_info) == {"width": 832, "height": 480, "length": 33, "batch_size": 1}
+
+
+def test_server_looper_example_feeds_both_experts_through_looper_models(object_info):
+    if "WanVideoLooper" not in object_info:
+        pytest.skip(f"needs the WanVideoLooper pack (not found at {LOOPER}; set WANVIDEOLOOPER_PATH)")
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_looper_high_low.json").read_text())
+    (pair,) = _nodes_of(workflow, "wan22BlockSwapLooperModels")
+    (looper,) = _nodes_of(workflow, "WanVideoLooper")
+    source = _links_of(workflow)
+    assert source(looper, "model_high") == (pair, 0) and source(looper, "model_low") == (pair, 1)
+    for role in ("model_high", "model_low"):
+        loader, _ = source(pair, role)
+        assert loader["type"] == "UNETLoader" and role.split("_")[1] in loader["widgets_values"][0]
+    settings = widget_values(pair, object_info)
+    assert settings["use_non_blocking"] is True and settings["prefetch_blocks"] == 1
 
 
 def _swap_node(wf, info):
