@@ -265,7 +265,9 @@ def st_dtype(data, rng, path):
 def st_rename(data, rng, path):
     header, body = _st_split(data)
     name = rng.choice(_st_tensors(header))
-    new = rng.choice([name + "x", name.replace(".", "_", 1), "model." + name, name.replace("weight", "wieght")])
+    new = rng.choice(
+        [name + "x", name.replace(".", "_", 1), "model." + name, name.replace("weight", "wieght")]
+    )
     raw = json.dumps(header).replace(f'"{name}"', f'"{new}"', 1)
     return _st_join(raw, body)
 
@@ -295,7 +297,10 @@ def st_not_wan(data, rng, path):
     g = torch.Generator().manual_seed(rng.randrange(2**31))
     kind = rng.choice(["sd15", "random", "empty", "head_only", "flux"])
     if kind == "sd15":
-        sd = {"input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g), "time_embed.0.weight": torch.zeros(4)}
+        sd = {
+            "input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+            "time_embed.0.weight": torch.zeros(4),
+        }
     elif kind == "random":
         sd = {f"t{i}": torch.randn(rng.randrange(1, 9), generator=g) for i in range(rng.randrange(1, 20))}
     elif kind == "empty":
@@ -380,7 +385,9 @@ def gg_flip_header(data, rng, path, layout):
 
 def gg_counts(data, rng, path, layout):
     if rng.random() < 0.5:
-        return _put(data, layout.tensor_count_pos, "<Q", _lying_int(rng, len(layout.tensor_fields), len(data)))
+        return _put(
+            data, layout.tensor_count_pos, "<Q", _lying_int(rng, len(layout.tensor_fields), len(data))
+        )
     return _put(data, layout.kv_count_pos, "<Q", _lying_int(rng, len(layout.kv_fields) + 1, len(data)))
 
 
@@ -407,12 +414,18 @@ def gg_tensor_info(data, rng, path, layout):
     field = rng.choice(layout.tensor_fields)
     what = rng.choice(["n_dims", "dims", "dims", "type", "offset", "offset"])
     if what == "n_dims":
-        return _put(data, field["n_dims_pos"], "<I", rng.choice([0, 5, 8, 2**20, 2**32 - 1, field["n_dims"] + 1]))
+        return _put(
+            data, field["n_dims_pos"], "<I", rng.choice([0, 5, 8, 2**20, 2**32 - 1, field["n_dims"] + 1])
+        )
     if what == "dims":
         dim = rng.randrange(field["n_dims"])
-        return _put(data, field["dims_pos"] + 8 * dim, "<Q", rng.choice([2**20, 2**32, 2**62, 2**64 - 1, 0, 3]))
+        return _put(
+            data, field["dims_pos"] + 8 * dim, "<Q", rng.choice([2**20, 2**32, 2**62, 2**64 - 1, 0, 3])
+        )
     if what == "type":
-        return _put(data, field["type_pos"], "<I", rng.choice([0, 1, 2, 3, 6, 7, 8, 12, 24, 26, 28, 30, 41, 1000]))
+        return _put(
+            data, field["type_pos"], "<I", rng.choice([0, 1, 2, 3, 6, 7, 8, 12, 24, 26, 28, 30, 41, 1000])
+        )
     size = len(data) - layout.data_offset
     return _put(
         data,
@@ -439,7 +452,9 @@ def _gguf_rewrite(rng, edit, *, arch="wan", metadata=None):
 def gg_rename(data, rng, path, layout):
     def edit(sd):
         name = rng.choice(sorted(sd))
-        sd[rng.choice([name + "x", "model." + name, name.replace("weight", "wieght"), name + ".0"])] = sd.pop(name)
+        sd[rng.choice([name + "x", "model." + name, name.replace("weight", "wieght"), name + ".0"])] = sd.pop(
+            name
+        )
 
     return _gguf_rewrite(rng, edit)
 
@@ -507,14 +522,18 @@ def gg_metadata(data, rng, path, layout):
     if kind == "big_string":
         return _gguf_rewrite(rng, lambda sd: None, metadata={"general.description": "x" * 2**20})
     if kind == "big_array":
-        return _gguf_rewrite(rng, lambda sd: None, metadata={"general.tags": list(range(rng.choice([10, 70000])))})
+        return _gguf_rewrite(
+            rng, lambda sd: None, metadata={"general.tags": list(range(rng.choice([10, 70000])))}
+        )
     if kind == "orig_shape":
         return _gguf_rewrite(
             rng, lambda sd: None, metadata={"comfy.gguf.orig_shape.blocks.0.ffn.0.weight": [2**40, 2**40]}
         )
     field = next((f for f in layout.kv_fields if f["name"] == "general.alignment"), None)
     if field is None:
-        return _gguf_rewrite(rng, lambda sd: None, metadata={"general.alignment": rng.choice([0, 3, 64, 2**31])})
+        return _gguf_rewrite(
+            rng, lambda sd: None, metadata={"general.alignment": rng.choice([0, 3, 64, 2**31])}
+        )
     return _put(data, field["value_pos"], "<I", rng.choice([0, 3, 64, 2**31]))
 
 
@@ -579,7 +598,14 @@ def plan_cases(seed: int, cases_per_format: int, formats=FORMATS) -> list[dict]:
     for fmt in formats:
         kinds = sorted(DAMAGE[fmt])
         for i in range(cases_per_format):
-            out.append({"id": f"{fmt}-{i}", "format": fmt, "kind": kinds[i % len(kinds)], "seed": rng.randrange(2**32)})
+            out.append(
+                {
+                    "id": f"{fmt}-{i}",
+                    "format": fmt,
+                    "kind": kinds[i % len(kinds)],
+                    "seed": rng.randrange(2**32),
+                }
+            )
     return out
 
 
@@ -608,7 +634,11 @@ def _weights(patcher) -> dict:
     out = {}
     for name, value in patcher.model.diffusion_model.state_dict().items():
         if hasattr(value, "tensor_type"):
-            out[name] = (int(value.tensor_type), tuple(value.tensor_shape), value.as_subclass(torch.Tensor).clone())
+            out[name] = (
+                int(value.tensor_type),
+                tuple(value.tensor_shape),
+                value.as_subclass(torch.Tensor).clone(),
+            )
         else:
             out[name] = (str(value.dtype), tuple(value.shape), value.clone())
     return out
@@ -617,9 +647,7 @@ def _weights(patcher) -> dict:
 def _equal(a: dict, b: dict) -> bool:
     import torch
 
-    return a.keys() == b.keys() and all(
-        a[k][:2] == b[k][:2] and torch.equal(a[k][2], b[k][2]) for k in a
-    )
+    return a.keys() == b.keys() and all(a[k][:2] == b[k][:2] and torch.equal(a[k][2], b[k][2]) for k in a)
 
 
 def worker_main(comfyui: str, folder: str, cap_slack_mib: int) -> None:
@@ -711,8 +739,17 @@ class Worker:
         env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
         env.pop("WAN22_COMFYUI", None)
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--comfyui", comfyui, "--folder", folder,
-             "--cap-slack-mib", str(cap_slack_mib)],
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--comfyui",
+                comfyui,
+                "--folder",
+                folder,
+                "--cap-slack-mib",
+                str(cap_slack_mib),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -764,13 +801,19 @@ def run_cases(
                 try:
                     while pending:
                         case = pending[0]
-                        worker.proc.stdin.write(json.dumps({**case, "rss_slack": rss_slack_mib * 2**20}) + "\n")
+                        worker.proc.stdin.write(
+                            json.dumps({**case, "rss_slack": rss_slack_mib * 2**20}) + "\n"
+                        )
                         worker.proc.stdin.flush()
                         result = worker.read(timeout)
                         if result is None:
                             alive = worker.proc.poll() is None
                             outcome = "hang" if alive else "died"
-                            results[case["id"]] = {**case, "outcome": outcome, "message": f"rc {worker.proc.poll()}"}
+                            results[case["id"]] = {
+                                **case,
+                                "outcome": outcome,
+                                "message": f"rc {worker.proc.poll()}",
+                            }
                             pending.pop(0)
                             break
                         results[case["id"]] = {**case, **result}
@@ -820,7 +863,9 @@ def summarize(results: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--comfyui", default=os.environ.get("WAN22_COMFYUI", str(Path.home() / "comfy-hosts" / "0.33")))
+    parser.add_argument(
+        "--comfyui", default=os.environ.get("WAN22_COMFYUI", str(Path.home() / "comfy-hosts" / "0.33"))
+    )
     parser.add_argument("--cases", type=int, default=2000, help="cases per format")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
@@ -842,7 +887,9 @@ def main(argv=None) -> int:
         return 0
     started = time.perf_counter()
     cases = plan_cases(args.seed, args.cases, tuple(args.formats.split(",")))
-    results = run_cases(cases, args.comfyui, args.workers, args.timeout, args.rss_slack_mib, args.cap_slack_mib)
+    results = run_cases(
+        cases, args.comfyui, args.workers, args.timeout, args.rss_slack_mib, args.cap_slack_mib
+    )
     summary = summarize(results)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["comfyui"] = args.comfyui
