@@ -471,7 +471,9 @@ def gg_misshapen(data, rng, path, layout):
     def edit(sd):
         name = rng.choice(sorted(sd))
         t = sd[name]
-        if t.dim() >= 2 and rng.random() < 0.5:
+        if t.dim() >= 2 and t.shape[0] != t.shape[1] and rng.random() < 0.5:
+            # (A square weight transposed keeps its shape: that is damage to the values, which no check
+            # without checksums can see, like a flipped bit in the data.)
             sd[name] = t.transpose(0, 1).contiguous()
         elif t.dim() >= 2:
             sd[name] = t.flatten(1)[:, : max(32, t[0].numel() // 2)].contiguous()

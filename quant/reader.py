@@ -184,6 +184,12 @@ MAX_METADATA_ARRAY_ENTRIES = 1 << 16
 DEFAULT_ALIGNMENT = 32
 
 
+def _name(raw: bytes) -> str:
+    """A tensor or key name for a message: damaged ones can be long runs of binary."""
+    text = raw.decode("utf-8", errors="replace")
+    return text if len(text) <= 80 and text.isprintable() else repr(text[:60]) + "..."
+
+
 class _HeaderCursor:
     def __init__(self, view: memoryview, path: str):
         self.view, self.pos, self.path = view, 0, path
@@ -281,7 +287,7 @@ def _check_layout(cur: _HeaderCursor, size: int) -> None:
     alignment = DEFAULT_ALIGNMENT
     array_budget = [MAX_METADATA_ARRAY_ENTRIES]
     for _ in range(n_kv):
-        key = cur.string("a metadata key").decode("utf-8", errors="replace")
+        key = _name(cur.string("a metadata key"))
         vtype = _value_type(cur.take("<I", f"the type of metadata {key!r}"), path, key)
         value = _skip_value(cur, vtype, key, array_budget)
         if key == "general.alignment" and vtype == GGUFValueType.UINT32:
@@ -290,7 +296,7 @@ def _check_layout(cur: _HeaderCursor, size: int) -> None:
         raise ValueError(f"{path}: general.alignment is {alignment}, not a power of two")
     tensors = []
     for _ in range(n_tensors):
-        name = cur.string("a tensor name").decode("utf-8", errors="replace")
+        name = _name(cur.string("a tensor name"))
         n_dims = cur.take("<I", f"the dimension count of tensor {name!r}")
         if n_dims > MAX_DIMS:
             raise ValueError(f"{path}: tensor {name!r} has {n_dims} dimensions (GGUF allows {MAX_DIMS})")
