@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ("safetensors", "gguf")
-FAILURES = ("unnamed", "crash", "different", "memory", "hang", "died")
+FAILURES = ("unnamed", "crash", "different", "memory", "hang", "died", "harness")
 ORIGINAL = {"safetensors": "original.safetensors", "gguf": "original.gguf"}
 
 
@@ -50,7 +50,17 @@ ORIGINAL = {"safetensors": "original.safetensors", "gguf": "original.gguf"}
 # --------------------------------------------------------------------------------------------
 
 
+_ORIGINAL_SD: dict = {}
+
+
 def original_state_dict():
+    """The undamaged weights (a fresh dict each call; built once per process)."""
+    if not _ORIGINAL_SD:
+        _ORIGINAL_SD.update(_build_state_dict())
+    return dict(_ORIGINAL_SD)
+
+
+def _build_state_dict():
     import dataclasses as dc
 
     import torch
@@ -529,14 +539,13 @@ def gg_metadata(data, rng, path, layout):
         )
     if kind == "orig_shape":
         return _gguf_rewrite(
-            rng, lambda sd: None, metadata={"comfy.gguf.orig_shape.blocks.0.ffn.0.weight": [2**40, 2**40]}
+            rng, lambda sd: None, metadata={"comfy.gguf.orig_shape.blocks.0.ffn.0.weight": [2**30, 2**30]}
         )
-    field = next((f for f in layout.kv_fields if f["name"] == "general.alignment"), None)
-    if field is None:
-        return _gguf_rewrite(
-            rng, lambda sd: None, metadata={"general.alignment": rng.choice([0, 3, 64, 2**31])}
-        )
-    return _put(data, field["value_pos"], "<I", rng.choice([0, 3, 64, 2**31]))
+    # The key written, then its value replaced: key, u32 value type, u32 value.
+    written = _gguf_rewrite(rng, lambda sd: None, metadata={"general.alignment": 32})
+    key = b"general.alignment"
+    value_pos = written.index(key) + len(key) + 4
+    return _put(written, value_pos, "<I", rng.choice([0, 3, 16, 64, 2**31]))
 
 
 def gg_not_wan(data, rng, path, layout):
@@ -688,16 +697,24 @@ def worker_main(comfyui: str, folder: str, cap_slack_mib: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     print(json.dumps({"ready": True}), flush=True)
 
+    originals = {fmt: Path(folder, name).read_bytes() for fmt, name in ORIGINAL.items()}
+    layout = gguf_layout(Path(folder, ORIGINAL["gguf"]))
     for line in sys.stdin:
         case = json.loads(line)
         fmt, name = case["format"], f"case_{case['id']}.{case['format']}"
         path = os.path.join(folder, name)
         rng = random.Random(case["seed"])
-        original = Path(folder, ORIGINAL[fmt]).read_bytes()
-        if fmt == "gguf":
-            damaged = DAMAGE[fmt][case["kind"]](original, rng, path, gguf_layout(Path(folder, ORIGINAL[fmt])))
-        else:
-            damaged = DAMAGE[fmt][case["kind"]](original, rng, path)
+        original = originals[fmt]
+        try:
+            if fmt == "gguf":
+                damaged = DAMAGE[fmt][case["kind"]](original, rng, path, layout)
+            else:
+                damaged = DAMAGE[fmt][case["kind"]](original, rng, path)
+        except Exception as exc:  # a bug in the damage, not in the loader: reported as such
+            print(
+                json.dumps({"id": case["id"], "outcome": "harness", "message": repr(exc)[:300]}), flush=True
+            )
+            continue
         if damaged is not None:
             Path(path).write_bytes(damaged)
         size = os.path.getsize(path)
