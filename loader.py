@@ -291,7 +291,10 @@ def _comfy_load(name: str, load, *args, **kwargs):
     except torch.OutOfMemoryError:
         raise
     except COMFY_LOAD_ERRORS as exc:
-        raise ValueError(f"{name}: ComfyUI could not load it ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"{name}: ComfyUI could not load it ({type(exc).__name__}: {exc}); the file is damaged or not a "
+            "model this ComfyUI version can load"
+        ) from exc
 
 
 def safetensors_model_options(fp8_optimization: str, weight_dtype: str) -> tuple[dict, torch.dtype | None]:

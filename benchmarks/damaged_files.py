@@ -180,6 +180,11 @@ def st_metadata(data, rng, path):
             7,
             None,
             {"modelspec.title": 1e300},
+            # ComfyUI 0.33 parses this one as JSON itself (mixed-precision quantization).
+            {"_quantization_metadata": "[" * 100000 + "]" * 100000},
+            {"_quantization_metadata": "[1, 2]"},
+            {"_quantization_metadata": '{"layers": {"blocks.0.ffn.0": 1e999}}'},
+            {"_quantization_metadata": "not json"},
         ]
     )
     return _st_join(header, body)
