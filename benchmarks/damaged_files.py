@@ -371,6 +371,7 @@ def gguf_layout(path: Path) -> GGUFLayout:
                 "n_dims": int(p[2][0]),
                 "type_pos": pos(p[4]),
                 "offset_pos": pos(p[5]),
+                "type": int(t.tensor_type),
             }
         )
     return GGUFLayout(
@@ -438,9 +439,11 @@ def gg_tensor_info(data, rng, path, layout):
             data, field["dims_pos"] + 8 * dim, "<Q", rng.choice([2**20, 2**32, 2**62, 2**64 - 1, 0, 3])
         )
     if what == "type":
-        return _put(
-            data, field["type_pos"], "<I", rng.choice([0, 1, 2, 3, 6, 7, 8, 12, 24, 26, 28, 30, 41, 1000])
-        )
+        # F16 <-> BF16 keeps every byte count: a reinterpretation of the values, which (like a flipped bit
+        # in the data) no check without checksums can see. Every other change is damage to the layout.
+        same_size = {1: 30, 30: 1}.get(field["type"])
+        types = [t for t in (0, 1, 2, 3, 6, 7, 8, 12, 24, 26, 28, 30, 41, 1000) if t != same_size]
+        return _put(data, field["type_pos"], "<I", rng.choice(types))
     size = len(data) - layout.data_offset
     return _put(
         data,
