@@ -502,16 +502,14 @@ def gg_misshapen(data, rng, path, layout):
 
 
 def gg_dtype(data, rng, path, layout):
-    import torch
-
-    def edit(sd):
-        name = rng.choice(sorted(sd))
-        sd[name] = sd[name].to(torch.float64)
-
-    from wan22_blockswap.bench.gguf_writer import write_wan_gguf
-
-    # The writer stores F64 through numpy; other types by the F32 path with a reinterpreted type below.
     if rng.random() < 0.5:
+        # A tensor stored as F64 (a type the loader does not decode), written by gguf's own writer.
+        import torch
+
+        def edit(sd):
+            name = rng.choice(sorted(n for n in sd if sd[n].dim() <= 4))
+            sd[name] = sd[name].to(torch.float64)
+
         sd = original_state_dict()
         edit(sd)
         out = Path(tempfile.mkdtemp()) / "x.gguf"
@@ -528,11 +526,17 @@ def gg_dtype(data, rng, path, layout):
             return out.read_bytes()
         finally:
             shutil.rmtree(out.parent)
-    # Same size, other type: F32 -> I32 on a float tensor.
-    f32 = [f for f in layout.tensor_fields if "modulation" in f["name"] or "patch_embedding" in f["name"]]
-    field = rng.choice(f32)
-    del write_wan_gguf
-    return _put(data, field["type_pos"], "<I", 26)  # GGML I32
+    # An integer type (I32) on a float tensor.
+    field = rng.choice(
+        [f for f in layout.tensor_fields if "modulation" in f["name"] or "patch_embedding" in f["name"]]
+    )
+    return _put(data, field["type_pos"], "<I", int(gguf_types().I32))
+
+
+def gguf_types():
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType
 
 
 def gg_metadata(data, rng, path, layout):
@@ -687,7 +691,8 @@ def worker_main(comfyui: str, folder: str, cap_slack_mib: int) -> None:
 
     folder_paths.folder_names_and_paths["diffusion_models"] = ([folder], {".safetensors", ".sft"})
     folder_paths.folder_names_and_paths.pop(loader.GGUF_FOLDER, None)
-    folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
+    if hasattr(folder_paths, "filename_list_cache"):
+        folder_paths.filename_list_cache.clear()  # the listing of the folder we just set
 
     def load(fmt: str, name: str):
         st, gg = (name, loader.NO_MODEL) if fmt == "safetensors" else (loader.NO_MODEL, name)
