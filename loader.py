@@ -19,6 +19,7 @@ import inspect
 import logging
 import os
 
+import comfy.model_detection
 import comfy.model_patcher
 import comfy.sd
 import comfy.utils
@@ -125,8 +126,14 @@ def resolve_model_path(model_type: str, name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def read_safetensors_header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(name -> shape, metadata) from a safetensors header, read by the ``safetensors`` library.
+# The safetensors library's own header limit; checked first, so a length that lies is never allocated.
+MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
+# Tensor dtypes a diffusion model's weights can be stored in (safetensors names).
+SAFETENSORS_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def read_safetensors_tensors(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, str]]:
+    """(name -> shape, name -> dtype, metadata) from a safetensors header, read by the ``safetensors`` library.
 
     Reads only the header (the library memory-maps the file and checks that its tensors cover the data
     exactly). Raises ValueError naming the file for files that are not safetensors or are truncated.
@@ -137,23 +144,157 @@ def read_safetensors_header(path: str) -> tuple[dict[str, tuple[int, ...]], dict
     if len(prefix) < 8:
         raise ValueError(f"{path} is not a safetensors file ({size} bytes)")
     header_len = int.from_bytes(prefix, "little")
-    if header_len <= 1 or 8 + header_len > size:
+    if header_len <= 1 or 8 + header_len > size or header_len > MAX_SAFETENSORS_HEADER_BYTES:
         # Checked before the library sees the file: a length that lies must not become an allocation.
         raise ValueError(
             f"{path} is truncated or not a safetensors file: it announces a {header_len}-byte header "
             f"but has {size} bytes"
+            + (f" (at most {MAX_SAFETENSORS_HEADER_BYTES} are read)" if 8 + header_len <= size else "")
         )
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            shapes, dtypes = {}, {}
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                shapes[name] = tuple(tensor.get_shape())
+                dtypes[name] = tensor.get_dtype()
     except safetensors.SafetensorError as exc:
         if "not fully covered" in str(exc):
             raise ValueError(
                 f"{path} is truncated or damaged: its tensors do not cover its {size} bytes ({exc})"
             ) from exc
         raise ValueError(f"{path} is not a safetensors file (bad header: {exc})") from exc
+    return shapes, dtypes, metadata
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(name -> shape, metadata) from a safetensors header (see :func:`read_safetensors_tensors`)."""
+    shapes, _dtypes, metadata = read_safetensors_tensors(path)
     return shapes, metadata
+
+
+# --------------------------------------------------------------------------------------------
+# Completeness: every tensor ComfyUI's model for these weights has, with its shape
+# --------------------------------------------------------------------------------------------
+
+# Errors ComfyUI's detection and loading raise on weights they do not expect; they reach the user as a
+# ValueError naming the file (an out-of-memory error or an interrupt is not one of them).
+COMFY_LOAD_ERRORS = (
+    RuntimeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    ZeroDivisionError,
+    RecursionError,
+    OverflowError,
+)
+SHOWN = 5  # tensors named per problem
+
+
+class UnrecognisedWeights(Exception):
+    """ComfyUI's model detection found no model for the weights (under this key prefix)."""
+
+    def __init__(self, prefix: str):
+        super().__init__(prefix)
+        self.prefix = prefix
+
+
+def expected_wan_tensors(shapes: dict[str, tuple[int, ...]]) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """(key prefix, name -> shape) of the model ComfyUI builds for weights of these shapes.
+
+    The source of truth is ComfyUI itself: its own prefix and model detection on meta tensors of these
+    shapes, and the model class it picks built on the meta device (no memory for weights).
+    """
+    meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(meta)
+    stripped = comfy.utils.state_dict_prefix_replace(meta, {prefix: ""}, filter_keys=True)
+    if not stripped:
+        prefix, stripped = "", meta
+    config = comfy.model_detection.model_config_from_unet(stripped, "")
+    if config is None:
+        raise UnrecognisedWeights(prefix)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model(stripped, "", device=torch.device("meta"))
+    return prefix, {name: tuple(t.shape) for name, t in model.diffusion_model.state_dict().items()}
+
+
+def _quant_packed(name: str, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """A weight in one of ComfyUI's quantized layouts (packed bytes, described by a sibling entry)."""
+    return f"{name.rsplit('.', 1)[0]}.comfy_quant" in shapes
+
+
+def _listing(items: list[str]) -> str:
+    more = f", and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+    return ", ".join(items[:SHOWN]) + more
+
+
+def check_complete_wan(
+    name: str,
+    shapes: dict[str, tuple[int, ...]],
+    detection,
+    dtypes: dict[str, str] | None = None,
+) -> None:
+    """Refuse (ValueError naming the file, the tensors and what was detected) a file that lacks a tensor
+    of the model ComfyUI would build for it, or holds one with another shape or a non-float dtype.
+
+    ComfyUI itself only warns ("unet missing") and samples from uninitialised weights.
+    """
+    try:
+        prefix, expected = expected_wan_tensors(shapes)
+    except UnrecognisedWeights as exc:
+        under = f" under the key prefix {exc.prefix!r}" if exc.prefix else ""
+        raise ValueError(
+            f"{name} is not a loadable WAN model (detected: {detection.describe()}): ComfyUI's model "
+            f"detection does not recognise its weights{under}; the file is damaged or not a WAN diffusion "
+            "model"
+        ) from None
+    except torch.OutOfMemoryError:
+        raise
+    except COMFY_LOAD_ERRORS as exc:
+        raise ValueError(
+            f"{name} is not a loadable WAN model (detected: {detection.describe()}): ComfyUI's model "
+            f"detection fails on its weights ({type(exc).__name__}: {exc}); the file is damaged or not a "
+            "WAN diffusion model"
+        ) from exc
+    missing, misshapen, not_float = [], [], []
+    for key, shape in expected.items():
+        stored = prefix + key
+        if stored not in shapes:
+            missing.append(stored)
+        elif _quant_packed(stored, shapes):
+            continue
+        elif tuple(shapes[stored]) != shape:
+            misshapen.append(f"{stored} {tuple(shapes[stored])} (expected {shape})")
+        elif dtypes is not None and dtypes.get(stored) not in SAFETENSORS_FLOAT_DTYPES:
+            not_float.append(f"{stored} ({dtypes.get(stored)})")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing: {_listing(missing)}")
+    if misshapen:
+        problems.append(f"{len(misshapen)} tensors with the wrong shape: {_listing(misshapen)}")
+    if not_float:
+        problems.append(f"{len(not_float)} tensors not stored as floating point: {_listing(not_float)}")
+    if problems:
+        raise ValueError(
+            f"{name} is not a complete WAN model: {'; '.join(problems)}. Detected {detection.describe()}; "
+            "the file is damaged or incomplete (download it again)"
+        )
+
+
+def _comfy_load(name: str, load, *args, **kwargs):
+    """ComfyUI's loader, its errors on unexpected weights turned into a ValueError naming the file."""
+    try:
+        return load(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except COMFY_LOAD_ERRORS as exc:
+        raise ValueError(
+            f"{name}: ComfyUI could not load it ({type(exc).__name__}: {exc}); the file is damaged or not a "
+            "model this ComfyUI version can load"
+        ) from exc
 
 
 def safetensors_model_options(fp8_optimization: str, weight_dtype: str) -> tuple[dict, torch.dtype | None]:
@@ -197,15 +338,16 @@ def load_safetensors_model(
     options, compute_dtype = safetensors_model_options(fp8_optimization, weight_dtype)
     name = os.path.basename(path)
     progress = comfy.utils.ProgressBar(3)
-    shapes, metadata = read_safetensors_header(path)
+    shapes, dtypes, metadata = read_safetensors_tensors(path)
     try:
         detection = detect_wan(shapes, metadata)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from exc
     choice = resolve_choice(detection, wan_version, model_variant, source=name)
+    check_complete_wan(name, shapes, detection, dtypes)
     _log_choice(name, detection, choice)
     progress.update(1)
-    patcher = comfy.sd.load_diffusion_model(path, model_options=options)
+    patcher = _comfy_load(name, comfy.sd.load_diffusion_model, path, model_options=options)
     progress.update(1)
     if compute_dtype is not None:
         _set_compute_dtype(patcher, compute_dtype)
@@ -283,11 +425,13 @@ def load_gguf_model(
             weight_dtype,
         )
     state_dict, metadata = load_gguf_state_dict(path)
+    shapes = logical_shapes(state_dict)
     try:
-        detection = detect_wan(logical_shapes(state_dict), metadata)
+        detection = detect_wan(shapes, metadata)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from exc
     choice = resolve_choice(detection, wan_version, model_variant, source=name)
+    check_complete_wan(name, shapes, detection)  # GGUF types are all float or quantized (checked on read)
     _log_choice(name, detection, choice)
 
     n_weights = sum(1 for k in state_dict if k.endswith(".weight"))
@@ -298,8 +442,12 @@ def load_gguf_model(
         # own weights, so the model gets a classic patcher (as ComfyUI-GGUF's models do).
         kwargs["disable_dynamic"] = True
     with load_progress(lambda: progress.update(1)):
-        patcher = comfy.sd.load_diffusion_model_state_dict(
-            state_dict, model_options={"custom_operations": GGUFOps}, **kwargs
+        patcher = _comfy_load(
+            name,
+            comfy.sd.load_diffusion_model_state_dict,
+            state_dict,
+            model_options={"custom_operations": GGUFOps},
+            **kwargs,
         )
     if patcher is None:
         raise ValueError(f"{name}: ComfyUI could not detect the model type of this GGUF file")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import mmap
 import os
+import struct
 import sys
 import warnings
 from collections import Counter
@@ -154,6 +156,183 @@ def is_gguf_weight(tensor: object) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Bounds from the file's size, before gguf's reader parses
+# --------------------------------------------------------------------------------------------
+
+# gguf's reader trusts the counts and lengths in the header: it loops over them (past the end of the
+# file its reads come back empty and it keeps going) and builds Python objects per array entry. This pass
+# only walks the header's lengths and counts, checking each against the bytes left; the reader still does
+# the parse.
+_SCALAR_SIZES = {
+    GGUFValueType.UINT8: 1,
+    GGUFValueType.INT8: 1,
+    GGUFValueType.BOOL: 1,
+    GGUFValueType.UINT16: 2,
+    GGUFValueType.INT16: 2,
+    GGUFValueType.UINT32: 4,
+    GGUFValueType.INT32: 4,
+    GGUFValueType.FLOAT32: 4,
+    GGUFValueType.UINT64: 8,
+    GGUFValueType.INT64: 8,
+    GGUFValueType.FLOAT64: 8,
+}
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dim count, type, offset
+MAX_DIMS = 4  # GGML_MAX_DIMS
+# WAN files carry a handful of short arrays (orig_shape); the reader keeps several objects per entry.
+MAX_METADATA_ARRAY_ENTRIES = 1 << 16
+DEFAULT_ALIGNMENT = 32
+
+
+def _name(raw: bytes) -> str:
+    """A tensor or key name for a message: damaged ones can be long runs of binary."""
+    text = raw.decode("utf-8", errors="replace")
+    return text if len(text) <= 80 and text.isprintable() else repr(text[:60]) + "..."
+
+
+class _HeaderCursor:
+    def __init__(self, view: memoryview, path: str):
+        self.view, self.pos, self.path = view, 0, path
+
+    def left(self) -> int:
+        return len(self.view) - self.pos
+
+    def skip(self, n: int, what: str) -> None:
+        if n > self.left():
+            raise ValueError(
+                f"{self.path} is truncated or damaged: {what} needs {n} bytes at offset {self.pos}, "
+                f"the file has {self.left()} left"
+            )
+        self.pos += n
+
+    def take(self, fmt: str, what: str) -> int:
+        start = self.pos
+        self.skip(struct.calcsize(fmt), what)
+        return struct.unpack_from(fmt, self.view, start)[0]
+
+    def string(self, what: str) -> bytes:
+        n = self.take("<Q", f"the length of {what}")
+        start = self.pos
+        self.skip(n, what)
+        return bytes(self.view[start : self.pos])
+
+
+def _value_type(raw: int, path: str, key: str) -> GGUFValueType:
+    try:
+        return GGUFValueType(raw)
+    except ValueError:
+        raise ValueError(f"{path}: metadata {key!r} has unknown value type {raw}") from None
+
+
+def _skip_value(cur: _HeaderCursor, vtype: GGUFValueType, key: str, array_budget: list[int]) -> object:
+    """Moves past one metadata value; returns it for the one field the layout needs (alignment)."""
+    if vtype in _SCALAR_SIZES:
+        fmt = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[_SCALAR_SIZES[vtype]]
+        return cur.take(fmt, f"metadata {key!r}")
+    if vtype == GGUFValueType.STRING:
+        cur.string(f"metadata {key!r}")
+        return None
+    item_type = _value_type(cur.take("<I", f"metadata {key!r}"), cur.path, key)
+    count = cur.take("<Q", f"metadata {key!r}")
+    item_size = _SCALAR_SIZES.get(item_type, 8)  # a string entry is at least its 8-byte length
+    if item_type == GGUFValueType.ARRAY:
+        raise ValueError(f"{cur.path}: metadata {key!r} is an array of arrays, which no WAN model file has")
+    array_budget[0] -= count
+    if count * item_size > cur.left() or array_budget[0] < 0:
+        raise ValueError(
+            f"{cur.path} is damaged or not a WAN model file: metadata {key!r} is a metadata array of {count} "
+            f"entries ({cur.left()} bytes left in the file; at most {MAX_METADATA_ARRAY_ENTRIES} entries in "
+            "all are read)"
+        )
+    if item_type == GGUFValueType.STRING:
+        for _ in range(count):
+            cur.string(f"an entry of metadata {key!r}")
+    else:
+        cur.skip(count * item_size, f"metadata {key!r}")
+    return None
+
+
+def check_gguf_bounds(path: str) -> None:
+    """Raise ValueError (naming the file) unless the header's counts, lengths and tensor byte ranges fit
+    the file: tensors laid out one after another at aligned offsets, as llama.cpp's own loader requires,
+    the last one ending where the file does. Files that are not GGUF at all are left to gguf's reader."""
+    size = os.path.getsize(path)
+    if size < 24:
+        return  # the reader reports these (bad magic / short file)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            _check_layout(_HeaderCursor(view, path), size)
+        finally:
+            view.release()
+
+
+def _check_layout(cur: _HeaderCursor, size: int) -> None:
+    path = cur.path
+    if bytes(cur.view[:4]) != b"GGUF":
+        return
+    cur.skip(4, "the magic")
+    version = cur.take("<I", "the version")
+    if version & 0xFFFF == 0:
+        raise ValueError(f"{path} is a GGUF file for the other byte order ({sys.byteorder}-endian host)")
+    if version not in (2, 3):
+        return  # the reader names the version it cannot read
+    n_tensors = cur.take("<Q", "the tensor count")
+    n_kv = cur.take("<Q", "the metadata count")
+    if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > cur.left():
+        raise ValueError(
+            f"{path}: its header announces {n_tensors} tensors and {n_kv} metadata entries, more than its "
+            f"{size} bytes can hold (truncated or damaged)"
+        )
+    alignment = DEFAULT_ALIGNMENT
+    array_budget = [MAX_METADATA_ARRAY_ENTRIES]
+    for _ in range(n_kv):
+        key = _name(cur.string("a metadata key"))
+        vtype = _value_type(cur.take("<I", f"the type of metadata {key!r}"), path, key)
+        value = _skip_value(cur, vtype, key, array_budget)
+        if key == "general.alignment" and vtype == GGUFValueType.UINT32:
+            alignment = value
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"{path}: general.alignment is {alignment}, not a power of two")
+    tensors = []
+    for _ in range(n_tensors):
+        name = _name(cur.string("a tensor name"))
+        n_dims = cur.take("<I", f"the dimension count of tensor {name!r}")
+        if n_dims > MAX_DIMS:
+            raise ValueError(f"{path}: tensor {name!r} has {n_dims} dimensions (GGUF allows {MAX_DIMS})")
+        dims = [cur.take("<Q", f"the shape of tensor {name!r}") for _ in range(n_dims)]
+        raw_type = cur.take("<I", f"the type of tensor {name!r}")
+        offset = cur.take("<Q", f"the offset of tensor {name!r}")
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+            block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise ValueError(f"{path}: tensor {name!r} has unknown GGML type {raw_type}") from None
+        elements = math.prod(dims)  # Python ints: no wrap-around
+        tensors.append((name, offset, elements * type_size // block_size, tuple(dims)))
+    data_start = cur.pos + (-cur.pos % alignment)
+    expected = 0
+    for name, offset, nbytes, dims in tensors:
+        if data_start + offset + nbytes > size:
+            raise ValueError(
+                f"{path}: tensor {name!r} (shape {dims}, {nbytes} bytes at offset {offset}) reaches past the "
+                f"end of the file ({size} bytes): truncated or damaged"
+            )
+        if offset != expected:
+            raise ValueError(
+                f"{path}: tensor {name!r} starts at byte offset {offset} of the data, where the tensors "
+                f"before it end at {expected}: damaged"
+            )
+        end = offset + nbytes
+        expected = end + (-end % alignment)
+    if tensors and size not in (data_start + end, data_start + expected):
+        raise ValueError(
+            f"{path}: its tensors end at byte {data_start + end} but the file has {size}: damaged "
+            "(a tensor's type or shape does not match its data)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
 
@@ -236,6 +415,7 @@ def load_gguf_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
 
+    check_gguf_bounds(path)
     reader = _open_reader(path)
     arch_field = reader.get_field("general.architecture")
     arch = _field_value(arch_field) if arch_field is not None else None

@@ -141,8 +141,8 @@ def _shape(shapes: Mapping[str, Sequence[int]], key: str, what: str) -> tuple[in
 
 def metadata_version(metadata: Mapping[str, object] | None) -> tuple[str | None, str | None]:
     """(version, field) named by file metadata (GGUF general.* / safetensors __metadata__), or (None, None)."""
-    if not metadata:
-        return None, None
+    if not isinstance(metadata, Mapping) or not metadata:
+        return None, None  # damaged files can carry any JSON value here
     for field in _NAME_FIELDS:
         value = metadata.get(field)
         if not isinstance(value, str):

@@ -383,3 +383,94 @@ def test_truncated_gguf_is_rejected_naming_the_file(wan_file, tmp_path, keep):
 def test_loader_module_has_no_comfyui_import():
     source = Path(gguf_loader.__file__).read_text()
     assert "import comfy" not in source and "from comfy" not in source
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged headers: bounded by the file's size before gguf's reader parses anything
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_hang():
+    """Turns a parse that loops (the failure these tests are about) into a test failure after 20 s."""
+    import signal
+
+    def stop(*_):
+        raise AssertionError("the load did not finish within 20 s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _layout(path: Path):
+    """(reader, position of a part in the file) of a GGUF file, to aim damage at its fields."""
+    r = gguf.GGUFReader(path, "r")
+    return r, lambda part: part.ctypes.data - r.data.ctypes.data
+
+
+def _patch(path: Path, out: Path, pos: int, fmt: str, value: int) -> Path:
+    import struct
+
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, pos, value)
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.fixture
+def orig_shape_file(tmp_path):
+    """A WAN file with a metadata array (the 5-D patch embedding's orig_shape)."""
+    path = tmp_path / "wan.gguf"
+    write_wan_gguf(path, _wan_state_dict(), {"blocks.0.self_attn.q.weight": T.Q8_0})
+    return path
+
+
+def test_a_metadata_array_length_past_the_end_is_refused_without_looping(orig_shape_file, tmp_path, no_hang):
+    reader, pos = _layout(orig_shape_file)
+    field = reader.fields[gguf_loader.ORIG_SHAPE_KEY + "patch_embedding.weight"]
+    bad = _patch(orig_shape_file, tmp_path / "bad.gguf", pos(field.parts[4]), "<Q", 2**62)
+    with pytest.raises(ValueError, match=r"bad\.gguf.*metadata array of 4611686018427387904 entries"):
+        load_gguf_state_dict(bad)
+
+
+@pytest.mark.parametrize("which", ["tensor_count", "kv_count"])
+def test_counts_the_file_cannot_hold_are_refused(orig_shape_file, tmp_path, which, no_hang):
+    reader, pos = _layout(orig_shape_file)
+    bad = _patch(
+        orig_shape_file, tmp_path / "bad.gguf", pos(reader.fields[f"GGUF.{which}"].parts[0]), "<Q", 2**40
+    )
+    with pytest.raises(
+        ValueError, match=r"bad\.gguf: its header announces .* more than its \d+ bytes can hold"
+    ):
+        load_gguf_state_dict(bad)
+
+
+def test_dims_that_multiply_past_the_file_are_refused(orig_shape_file, tmp_path, no_hang):
+    reader, pos = _layout(orig_shape_file)
+    t = next(t for t in reader.tensors if t.name == "blocks.0.ffn.0.weight")
+    bad = _patch(orig_shape_file, tmp_path / "bad.gguf", pos(t.field.parts[3]), "<Q", 2**32)
+    with pytest.raises(ValueError, match=r"bad\.gguf: tensor 'blocks\.0\.ffn\.0\.weight' .* past the end"):
+        load_gguf_state_dict(bad)
+
+
+@pytest.mark.parametrize("offset", ["misaligned", "overlapping"])
+def test_tensor_offsets_that_break_the_layout_are_refused(orig_shape_file, tmp_path, offset, no_hang):
+    reader, pos = _layout(orig_shape_file)
+    second = reader.tensors[1]
+    start = second.data_offset - reader.data_offset
+    value = start + 4 if offset == "misaligned" else 0  # 0: the first tensor's bytes
+    bad = _patch(orig_shape_file, tmp_path / "bad.gguf", pos(second.field.parts[5]), "<Q", value)
+    with pytest.raises(ValueError, match=rf"bad\.gguf: tensor '{second.name}' starts at byte offset {value}"):
+        load_gguf_state_dict(bad)
+
+
+def test_a_last_tensor_type_that_shrinks_it_is_refused(orig_shape_file, tmp_path, no_hang):
+    reader, pos = _layout(orig_shape_file)
+    last = reader.tensors[-1]
+    assert last.tensor_type == T.F16 and last.n_elements % 32 == 0
+    bad = _patch(orig_shape_file, tmp_path / "bad.gguf", pos(last.field.parts[4]), "<I", int(T.Q8_0))
+    with pytest.raises(ValueError, match=r"bad\.gguf: its tensors end at byte \d+ but the file has \d+"):
+        load_gguf_state_dict(bad)

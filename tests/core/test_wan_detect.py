@@ -214,3 +214,9 @@ def test_invalid_choice_strings_are_refused():
         resolve_choice(d, "2.3")
     with pytest.raises(ValueError, match=r"model_variant must be one of auto, t2v, .* \(got 'T2V'\)"):
         resolve_choice(d, "auto", "T2V")
+
+
+@pytest.mark.parametrize("metadata", [["wan2.2", "x"], "wan2.2", 7, {"general.name": ["wan2.2"]}])
+def test_malformed_metadata_is_ignored_not_an_attribute_error(metadata):
+    detection = detect_wan(shapes_of(), metadata)
+    assert detection.metadata_version is None and detection.version == "2.1"

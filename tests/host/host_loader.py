@@ -21,7 +21,7 @@ from wan22_blockswap import callbacks, loader, nodes
 from wan22_blockswap.bench.gguf_writer import write_wan_gguf
 from wan22_blockswap.quant.reader import GGUFWeight, load_gguf_state_dict
 
-from .comfy_helpers import checkpoint_state_dict, sample, write_checkpoint
+from .comfy_helpers import checkpoint_state_dict, load, sample, write_checkpoint
 
 COMFY_GGUF = Path(os.environ.get("COMFYUI_GGUF_PATH") or Path.home() / "comfy-hosts" / "ComfyUI-GGUF")
 SEED_INPUTS = [
@@ -493,3 +493,110 @@ def test_bad_files_get_clear_errors_before_anything_is_built(model_dir, files, m
     ):
         load_node("gguf", gguf_model="iq4.gguf")
     assert not mm.current_loaded_models
+
+
+def _gguf_of(sd: dict, path: Path) -> Path:
+    write_wan_gguf(path, sd, qtype_for)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
+def test_a_file_missing_tensors_is_refused_naming_them_and_the_detection(model_dir, monkeypatch, fmt):
+    """ComfyUI itself loads such a file with an "unet missing" warning and samples uninitialised weights."""
+    sd = checkpoint_state_dict("t2v")
+    gone = ["blocks.2.ffn.0.weight", "blocks.1.self_attn.norm_q.weight", "head.head.bias"]
+    damaged = {k: v for k, v in sd.items() if k not in gone}
+    damaged["blocks.3.cross_attn.k.weihgt"] = damaged.pop("blocks.3.cross_attn.k.weight")  # a renamed one
+    name = f"incomplete.{fmt}"
+    if fmt == "gguf":
+        _gguf_of(damaged, model_dir / name)
+    else:
+        save_file(damaged, str(model_dir / name))
+    _refuse_loading(monkeypatch)
+    with pytest.raises(ValueError) as refused:
+        load_node(fmt, **{f"{fmt}_model": name})
+    message = str(refused.value)
+    assert message.startswith(f"{name} is not a complete WAN model: 4 tensors missing: ")
+    for key in [*gone, "blocks.3.cross_attn.k.weight"]:
+        assert key in message
+    assert "Detected WAN 2.1 t2v (4 blocks, dim 128, 16 in / 16 out channels)" in message
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
+def test_a_file_with_misshapen_tensors_is_refused_naming_them(model_dir, monkeypatch, fmt):
+    sd = checkpoint_state_dict("t2v")
+    sd["blocks.0.ffn.2.weight"] = sd["blocks.0.ffn.2.weight"][
+        :, :128
+    ].contiguous()  # (128, 256) -> (128, 128)
+    sd["blocks.1.norm3.bias"] = torch.zeros(64)
+    name = f"misshapen.{fmt}"
+    if fmt == "gguf":
+        _gguf_of(sd, model_dir / name)
+    else:
+        save_file(sd, str(model_dir / name))
+    _refuse_loading(monkeypatch)
+    with pytest.raises(ValueError) as refused:
+        load_node(fmt, **{f"{fmt}_model": name})
+    message = str(refused.value)
+    assert message.startswith(f"{name} is not a complete WAN model: 2 tensors with the wrong shape: ")
+    assert "blocks.0.ffn.2.weight (128, 128) (expected (128, 256))" in message
+    assert "blocks.1.norm3.bias (64,) (expected (128,))" in message
+    assert "Detected WAN 2.1 t2v" in message
+
+
+def test_integer_weights_are_refused_naming_them(model_dir, monkeypatch):
+    sd = checkpoint_state_dict("t2v")
+    sd["blocks.0.self_attn.q.weight"] = sd["blocks.0.self_attn.q.weight"].view(torch.int32)
+    save_file(sd, str(model_dir / "ints.safetensors"))
+    _refuse_loading(monkeypatch)
+    with pytest.raises(
+        ValueError,
+        match=r"ints.safetensors is not a complete WAN model: 1 tensors not stored as "
+        r"floating point: blocks.0.self_attn.q.weight \(I32\)",
+    ):
+        load_node("safetensors", "ints.safetensors")
+
+
+def test_errors_from_comfyui_detection_name_the_file(model_dir, monkeypatch):
+    """dim 1: ComfyUI's WAN detection divides by dim // 128 (ZeroDivisionError) before building anything."""
+    sd = checkpoint_state_dict("t2v")
+    sd["head.modulation"] = torch.zeros(1, 2, 1)
+    save_file(sd, str(model_dir / "dim1.safetensors"))
+    _refuse_loading(monkeypatch)
+    with pytest.raises(
+        ValueError,
+        match=r"dim1.safetensors is not a loadable WAN model \(detected: WAN 2.1 t2v "
+        r"\(4 blocks, dim 1, .*ZeroDivisionError",
+    ):
+        load_node("safetensors", "dim1.safetensors")
+
+
+def test_a_safetensors_header_length_past_the_librarys_limit_is_refused_before_reading(model_dir):
+    """A sparse 120 MB file whose header length fits its size but lies."""
+    path = model_dir / "sparse.safetensors"
+    with open(path, "wb") as f:
+        f.write((110_000_000).to_bytes(8, "little"))
+        f.truncate(120_000_000)
+    with pytest.raises(
+        ValueError,
+        match=r"sparse.safetensors is truncated or not a safetensors file: it "
+        r"announces a 110000000-byte header .* \(at most 100000000 are read\)",
+    ):
+        load_node("safetensors", "sparse.safetensors")
+
+
+def test_symlinks_inside_the_model_folders_are_followed(model_dir, files, tmp_path):
+    """People keep models on other drives and link them in, as ComfyUI's own loaders allow."""
+    elsewhere = tmp_path / "other_drive"
+    (elsewhere / "wan").mkdir(parents=True)
+    os.link(files["gguf"], elsewhere / "wan" / "linked_dir.gguf")
+    (model_dir / "linked.safetensors").symlink_to(files["t2v"])
+    (model_dir / "drive").symlink_to(elsewhere / "wan", target_is_directory=True)
+    spec = nodes.WANModelLoader.INPUT_TYPES()["required"]
+    assert "linked.safetensors" in spec["safetensors_model"][0]
+    assert os.path.join("drive", "linked_dir.gguf") in spec["gguf_model"][0]
+    assert torch.equal(sample(load_node("safetensors", "linked.safetensors")), sample(load(files["t2v"])))
+    load_node("gguf", gguf_model=os.path.join("drive", "linked_dir.gguf"))
+    # Names from a prompt still never resolve outside the folders, links or not.
+    with pytest.raises(ValueError, match="resolves outside the diffusion_models folders"):
+        load_node("gguf", gguf_model="drive/../../other_drive/wan/linked_dir.gguf")
