@@ -231,6 +231,11 @@ def _listing(items: list[str]) -> str:
     return ", ".join(items[:SHOWN]) + more
 
 
+# Parameters of ComfyUI's scaled-fp8 / mixed-precision layers that a file may leave out (or store as (1,)
+# instead of ()): an fp8_scaled file scales only the layers it quantized.
+OPTIONAL_QUANT_PARAMS = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale")
+
+
 def check_complete_wan(
     name: str,
     shapes: dict[str, tuple[int, ...]],
@@ -262,6 +267,8 @@ def check_complete_wan(
     missing, misshapen, not_float = [], [], []
     for key, shape in expected.items():
         stored = prefix + key
+        if key.endswith(OPTIONAL_QUANT_PARAMS):
+            continue  # per-layer fp8 scales: ComfyUI's scaled-fp8 layers default them (1.0) when absent
         if stored not in shapes:
             missing.append(stored)
         elif _quant_packed(stored, shapes):

@@ -600,3 +600,14 @@ def test_symlinks_inside_the_model_folders_are_followed(model_dir, files, tmp_pa
     # Names from a prompt still never resolve outside the folders, links or not.
     with pytest.raises(ValueError, match="resolves outside the diffusion_models folders"):
         load_node("gguf", gguf_model="drive/../../other_drive/wan/linked_dir.gguf")
+
+
+def test_an_fp8_scaled_file_loads_through_the_loader_like_unet_loader(model_dir, tmp_path):
+    """ComfyUI's WAN 2.2 fp8 files scale only the layers they quantized; the completeness check must not
+    take the scale parameters ComfyUI's layers default for the rest as missing."""
+    from .comfy_helpers import write_fp8_scaled_checkpoint
+
+    (name,) = place(model_dir, write_fp8_scaled_checkpoint(tmp_path))
+    model = load_node("safetensors", safetensors_model=name)
+    assert torch.equal(sample(model), sample(unet_loader(name)))
+    assert torch.equal(sample(swap(model, blocks_to_swap=3)), sample(unet_loader(name)))
