@@ -144,3 +144,18 @@ def write_wan_gguf(
     finally:
         writer.close()
     return written
+
+
+def mixed_wan_qtypes(name: str, tensor: torch.Tensor) -> GGMLQuantizationType:
+    """A K-less mix in the places real WAN GGUFs put quantized weights (tests and benchmarks): Q8_0 self
+    attention, Q4_0 cross attention, Q5_1 feed-forward, BF16 time embedding, F16 for the rest (norms,
+    modulation and the patch embedding become F32 in `write_wan_gguf`)."""
+    if "self_attn" in name:
+        return GGMLQuantizationType.Q8_0
+    if "cross_attn" in name:
+        return GGMLQuantizationType.Q4_0
+    if "ffn" in name:
+        return GGMLQuantizationType.Q5_1
+    if name.startswith("time_"):
+        return GGMLQuantizationType.BF16
+    return GGMLQuantizationType.F16

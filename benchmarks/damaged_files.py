@@ -73,17 +73,9 @@ def _build_state_dict():
 
 
 def gguf_qtype(name: str, tensor):
-    from gguf import GGMLQuantizationType as T
+    from wan22_blockswap.bench.gguf_writer import mixed_wan_qtypes
 
-    if "self_attn" in name:
-        return T.Q8_0
-    if "cross_attn" in name:
-        return T.Q4_0
-    if "ffn" in name:
-        return T.Q5_1
-    if name.startswith("time_"):
-        return T.BF16
-    return T.F16
+    return mixed_wan_qtypes(name, tensor)
 
 
 def write_originals(folder: Path) -> dict[str, Path]:

@@ -16,3 +16,18 @@ def _fresh_comfy_state():
     yield
     mm.unload_all_models()
     mm.interrupt_current_processing(False)
+
+
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    """ComfyUI's diffusion_models folder pointed at an empty temporary folder for this test."""
+    import folder_paths
+
+    from wan22_blockswap import loader
+
+    root = tmp_path / "diffusion_models"
+    root.mkdir()
+    _paths, extensions = folder_paths.folder_names_and_paths["diffusion_models"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(root)], extensions))
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, loader.GGUF_FOLDER, raising=False)
+    return root

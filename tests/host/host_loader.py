@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as T
 from safetensors.torch import save_file
 
 from wan22_blockswap import callbacks, loader, nodes
-from wan22_blockswap.bench.gguf_writer import write_wan_gguf
+from wan22_blockswap.bench.gguf_writer import mixed_wan_qtypes, write_wan_gguf
 from wan22_blockswap.quant.reader import GGUFWeight, load_gguf_state_dict
 
 from .comfy_helpers import checkpoint_state_dict, load, sample, write_checkpoint
@@ -74,17 +74,7 @@ def swap(model, **settings):
     return out
 
 
-def qtype_for(name: str, tensor: torch.Tensor) -> T:
-    """Every type the tests cover, in the places real WAN GGUFs put quantized weights."""
-    if "self_attn" in name:
-        return T.Q8_0
-    if "cross_attn" in name:
-        return T.Q4_0
-    if "ffn" in name:
-        return T.Q5_1
-    if name.startswith("time_"):
-        return T.BF16
-    return T.F16  # (norms, modulation, patch embedding: F32, chosen by the writer)
+qtype_for = mixed_wan_qtypes  # every type the tests cover, where real WAN GGUFs put them
 
 
 def lora_patches(model, seed=3, rank=4):
@@ -108,17 +98,6 @@ def with_lora(model, patches, strength=1.0):
     out = model.clone()
     out.add_patches(patches, strength)
     return out
-
-
-@pytest.fixture
-def model_dir(tmp_path, monkeypatch):
-    """ComfyUI's diffusion_models folder pointed at an empty temporary folder for this test."""
-    root = tmp_path / "diffusion_models"
-    root.mkdir()
-    _paths, extensions = folder_paths.folder_names_and_paths["diffusion_models"]
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(root)], extensions))
-    monkeypatch.delitem(folder_paths.folder_names_and_paths, loader.GGUF_FOLDER, raising=False)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -209,17 +209,6 @@ def load_format(fmt, files, model_dir):
     return model
 
 
-@pytest.fixture
-def model_dir(tmp_path, monkeypatch):
-    import folder_paths
-
-    root = tmp_path / "diffusion_models"
-    root.mkdir()
-    _paths, extensions = folder_paths.folder_names_and_paths["diffusion_models"]
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(root)], extensions))
-    return root
-
-
 @pytest.mark.parametrize("card", ["cpu_mode", "small_card"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_swapped_equals_unswapped(fmt, card, format_files, model_dir):
