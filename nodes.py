@@ -49,9 +49,10 @@ def swap_inputs() -> dict[str, dict]:
                 "BOOLEAN",
                 {
                     "default": d.use_non_blocking,
-                    "tooltip": "Pin the swapped blocks in RAM (page-locked, up to 45% of RAM; beyond that "
-                    "ordinary RAM with a warning) and copy them asynchronously. Needed, with prefetch_blocks >= 1, "
-                    "for copies to run while other blocks compute.",
+                    "tooltip": "Pin the swapped blocks in RAM (page-locked, within ComfyUI's pinned-memory limit, or "
+                    "45% of RAM where it has none, less what ComfyUI pinned itself, shared between the models "
+                    "that swap; beyond that ordinary RAM with a warning) and copy them asynchronously. Needed, "
+                    "with prefetch_blocks >= 1, for copies to run while other blocks compute.",
                 },
             ),
             "vace_blocks_to_swap": (
