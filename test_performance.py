@@ -4,15 +4,21 @@
     python test_performance.py                       # synthetic WAN model, built-in defaults
     python test_performance.py --preset 14b --blocks-to-swap 40 --prefetch 1 --non-blocking
     python test_performance.py --model-path /path/to/wan.safetensors --test-all
+    python test_performance.py --comfyui ~/ComfyUI --model-path model.gguf --vram-limit 12 --chart c.png
 
 Each configuration runs the same forward passes ("steps") as a model with every block resident and
 reports VRAM, RAM, step time, bytes moved per step, copy bandwidth and how long compute waited for
 copies. Results go to a JSON file (default block_swap_performance_results.json).
 
-The model is a WAN-shaped transformer in plain torch (bench/synthetic_model.py): the real block
-architecture and parameter shapes with random weights, or the weights of a WAN .safetensors file. It
-runs the same work per block as WAN, so memory and timing behave like the real model; its outputs are
-not WAN's (no RoPE, simplified time embedding).
+With ComfyUI importable (this pack in ComfyUI/custom_nodes/, or --comfyui PATH), --model-path loads
+the file through the pack's WAN Model Loader path (safetensors, fp8, fp8_scaled, GGUF) and times
+ComfyUI's own WanModel with BlockSwap, against ComfyUI's own offloading (bench/comfy_bench.py), and
+ends with a recommendation line quoting a measured row.
+
+Without ComfyUI the model is a WAN-shaped transformer in plain torch (bench/synthetic_model.py): the
+real block architecture and parameter shapes with random weights, or the weights of a WAN .safetensors
+file. It runs the same work per block as WAN, so memory and timing behave like the real model; its
+outputs are not WAN's (no RoPE, simplified time embedding).
 """
 
 from __future__ import annotations
@@ -58,7 +64,14 @@ def load_package():
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = module
     spec.loader.exec_module(module)
-    for name in ("utils", "block_manager", "wan.units", "wan.detect", "bench.synthetic_model"):
+    for name in (
+        "utils",
+        "block_manager",
+        "wan.units",
+        "wan.detect",
+        "bench.synthetic_model",
+        "bench.report",
+    ):
         importlib.import_module(f"{PACKAGE}.{name}")
     return module
 
@@ -79,6 +92,16 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number of GB such as 12 (got {text!r})") from e
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
     return value
 
 
@@ -107,12 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="test_performance.py",
         description="Benchmark WAN block swapping: VRAM saved, RAM used, step time, copy bandwidth.",
     )
-    p.add_argument("--model-path", help="a WAN .safetensors file (default: random weights of --preset)")
+    p.add_argument(
+        "--model-path",
+        help="a WAN .safetensors or .gguf file (GGUF and ComfyUI's WanModel need ComfyUI: see --comfyui; "
+        "default: random weights of --preset)",
+    )
     p.add_argument(
         "--preset",
-        choices=["1.3b", "5b", "14b", "tiny"],
+        choices=["1.3b", "5b", "14b", "small", "tiny"],
         default=None,
-        help="block shapes of the synthetic model (default: 1.3b)",
+        help="block shapes of the synthetic model (default: 1.3b on a GPU, small on CPU)",
     )
     p.add_argument("--layers", type=_positive_int, help="use this many blocks instead of the preset's")
     p.add_argument(
@@ -156,10 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run ComfyUI's own offloading at the same VRAM budget (needs ComfyUI importable)",
     )
     p.add_argument(
+        "--comfyui",
         "--comfyui-path",
+        dest="comfyui_path",
         default=None,
-        help="ComfyUI folder for --compare-native (default: first entry of $COMFYUI_PATH)",
+        help="ComfyUI folder to import (default: the ComfyUI this pack sits in, if any; for --compare-native "
+        "also the first entry of $COMFYUI_PATH)",
     )
+    p.add_argument(
+        "--comfyui-gguf",
+        default=None,
+        help="ComfyUI-GGUF folder, for its loader and offloading as a contender on GGUF files "
+        "(default: $COMFYUI_GGUF_PATH or custom_nodes/ComfyUI-GGUF)",
+    )
+    p.add_argument(
+        "--fp8-optimization",
+        choices=["disabled", "e4m3fn", "e5m2"],
+        default="disabled",
+        help="the WAN Model Loader's fp8_optimization for a safetensors --model-path (weights stored in fp8)",
+    )
+    p.add_argument(
+        "--vram-limit",
+        type=_positive_float,
+        metavar="GB",
+        help="simulate a card with this much VRAM: occupy the rest of the GPU before any contender loads "
+        "(needs a GPU and --model-path inside ComfyUI)",
+    )
+    p.add_argument("--chart", metavar="PATH.png", help="also draw step time and peak VRAM vs blocks_to_swap")
     return p
 
 
@@ -230,8 +280,8 @@ def load_safetensors_model(path: Path, workload: Workload, pkg):
         raise SystemExit(f"--model-path: no such file: {path}")
     if path.suffix.lower() == ".gguf":
         raise SystemExit(
-            "--model-path: this benchmark reads WAN .safetensors files; GGUF files are not supported by it "
-            "yet (load them with the WAN Model Loader node inside ComfyUI)"
+            "--model-path: GGUF files run through ComfyUI's WanModel with the pack's GGUF layers, so they need "
+            "ComfyUI: pass --comfyui PATH (or run this script from ComfyUI/custom_nodes/)"
         )
     from safetensors import safe_open
 
@@ -378,8 +428,11 @@ def run_config(
     step_time = statistics.median(times)
     moved = counters.bytes_copied / steps
     progress.step(f"tokens={tokens} swap={blocks_to_swap} prefetch={prefetch}")
+    peak = memory_snapshot(device, pkg)["gpu_peak_allocated_mb"]
     row = {
         "mode": "blockswap",
+        "contender": "blockswap" if blocks_to_swap else "resident",
+        "video": f"{tokens} tokens",
         "tokens": tokens,
         "blocks_to_swap": blocks_to_swap,
         "prefetch_blocks": prefetch,
@@ -403,6 +456,7 @@ def run_config(
             "cpu_rss_mb": after["cpu_rss_mb"],
         },
     }
+    row["peak_vram_mb"] = peak
     if stats is not None and stats.copy_ms and device.type == "cuda":
         row["copy_gbps"] = round(stats.copy_gbps(counters.bytes_copied) or 0.0, 2)
         row["stall_ms_per_step"] = round(stats.stall_ms / steps, 2)
@@ -491,6 +545,11 @@ def summary_header(doc: dict[str, object]) -> str:
         f"Model: {w['model_path'] or 'synthetic ' + w['preset']} {w['variant']}, {w['layers']} blocks, {w['dtype']}, "
         f"{w['steps']} timed steps per row, text tokens {w['text_tokens']}",
     ]
+    if w.get("model_runner", "").startswith("synthetic"):
+        lines.append(
+            "Model runner: the plain-torch WAN look-alike (no ComfyUI imported; --comfyui PATH times "
+            "ComfyUI's own WanModel on --model-path, against ComfyUI's own offloading)"
+        )
     if doc["plain_pinned_copy_gbps"]:
         lines.append(
             f"Plain pinned host->device copy on this machine: {doc['plain_pinned_copy_gbps']:.1f} GB/s"
@@ -512,7 +571,8 @@ def resolve_workload(args, parser) -> Workload:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
-    preset = args.preset or "1.3b"
+    # On a CPU the default is a narrow model of 1.3B's depth: the whole path in seconds, not minutes.
+    preset = args.preset or ("1.3b" if device.type == "cuda" else "small")
     dtype = load_package().utils.FLOAT_DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.tokens and args.resolution:
         parser.error("give either --tokens or --resolution/--frames, not both")
@@ -538,6 +598,37 @@ def swap_counts(args, layers: int) -> list[int]:
     return [count]
 
 
+def comfyui_folder(args) -> str | None:
+    """The ComfyUI to import: --comfyui, else the one this pack is installed in (custom_nodes/)."""
+    if args.comfyui_path:
+        return args.comfyui_path
+    if ROOT.parent.name == "custom_nodes" and (ROOT.parent.parent / "comfy" / "model_patcher.py").is_file():
+        return str(ROOT.parent.parent)
+    return None
+
+
+def import_comfyui(folder: str | None, cpu: bool) -> str | None:
+    """Import ComfyUI from `folder` (CPU mode without a GPU); None when it is importable, else why not."""
+    if "comfy.model_management" in sys.modules:
+        return None  # already imported by whoever runs us (ComfyUI itself, the host tests)
+    if folder is None:
+        return "no ComfyUI folder given"
+    if not (Path(folder) / "comfy" / "model_patcher.py").is_file():
+        return f"{folder} is not a ComfyUI folder (no comfy/model_patcher.py)"
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        import comfy.cli_args
+
+        if cpu:
+            comfy.cli_args.args.cpu = True  # must be set before comfy.model_management is imported
+        import comfy.model_management  # noqa: F401
+        import folder_paths  # noqa: F401
+    except ImportError as e:
+        return f"ComfyUI at {folder} is not importable ({e}); install its requirements into this Python"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -545,6 +636,26 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if args.vram_limit is not None and not (on_gpu and torch.cuda.is_available()):
+        parser.error(
+            "--vram-limit simulates a smaller GPU on a larger one, and this machine has no CUDA GPU "
+            "(ComfyUI's CPU mode has no VRAM to limit)"
+        )
+    if args.chart:
+        missing = pkg.bench.report.matplotlib_missing()
+        if missing:
+            parser.error(missing)
+    if args.model_path:
+        folder = comfyui_folder(args)
+        if folder is not None or "comfy.model_management" in sys.modules:
+            problem = import_comfyui(folder, cpu=not on_gpu)
+            if problem is None:
+                return main_comfyui(args, parser, pkg)
+            if args.comfyui_path:
+                raise SystemExit(f"--comfyui: {problem}")
+    if args.vram_limit is not None:
+        parser.error("--vram-limit needs --model-path inside ComfyUI (--comfyui PATH)")
     workload = resolve_workload(args, parser)
     prefetches = (
         args.prefetch if args.prefetch is not None else ([1] if workload.device.type == "cuda" else [0])
@@ -575,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
             "text_tokens": workload.text_tokens,
             "steps": workload.steps,
             "model_build_s": round(model_load_s, 2),
+            "load_time_s": round(model_load_s, 2),
+            "model_runner": "synthetic plain-torch WAN (ComfyUI not imported)",
         },
         "plain_pinned_copy_gbps": None,
         "results": [],
@@ -596,6 +709,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_native:
         doc["native_comparison"] = run_native_comparison(model, workload, args)
     progress.close()
+    report = pkg.bench.report
+    card_gb = doc["machine"]["gpu_memory_gb"] if workload.device.type == "cuda" else None
+    doc["recommendation"] = report.recommendation(doc["results"], card_gb)
+    if args.chart:
+        title = f"synthetic {workload.preset}, {workload.layers} blocks ({doc['machine']['gpu'] or 'CPU'})"
+        report.write_chart(doc["results"], args.chart, title)
+        doc["chart"] = args.chart
 
     Path(args.output).write_text(json.dumps(doc, indent=2))
     if args.json_only:
@@ -605,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(doc))
         if "native_comparison" in doc:
             print(format_native(doc["native_comparison"]))
+        print(doc["recommendation"])
+        if args.chart:
+            print(f"Chart written to {args.chart}")
         print(f"Results written to {args.output}")
     return 0
 
@@ -649,6 +772,173 @@ def format_native(native: dict[str, object]) -> str:
             f"{r['blockswap_step_s']:>11}  {r['native_step_s']:>13}  {r['blockswap_vs_native']:>11}  "
             f"{_cell(r['blockswap_peak_mb']):>12}  {_cell(r['native_peak_mb']):>14}"
         )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside ComfyUI: the user's file, ComfyUI's WanModel, every contender
+# ----------------------------------------------------------------------------------------------
+
+COMFY_COLUMNS = [
+    ("contender", "contender"),
+    ("video", "video"),
+    ("tokens", "tokens"),
+    ("blocks_to_swap", "swap"),
+    ("prefetch_blocks", "pf"),
+    ("step_time_s", "step s"),
+    ("time_difference_percent", "vs resident %"),
+    ("load_time_s", "load s"),
+    ("weights_on_device_mb", "weights MB"),
+    ("peak_vram_mb", "peak VRAM MB"),
+    ("copy_ms_per_block", "copy ms/blk"),
+    ("compute_ms_per_block", "compute ms/blk"),
+    ("bytes_moved_per_step", "MB/step"),
+]
+
+
+def comfy_points(args, on_gpu: bool, cb) -> list:
+    if args.tokens and args.resolution:
+        raise SystemExit("give either --tokens or --resolution/--frames, not both")
+    if args.resolution:
+        return [cb.VideoPoint(*args.resolution, args.frames)]
+    if args.tokens:
+        return [cb.point_for_tokens(t) for t in args.tokens]
+    # GPU: a 480p 81-frame video (32,760 tokens) and a single frame (1,560); CPU: one small frame.
+    return (
+        [cb.VideoPoint(832, 480, 81), cb.VideoPoint(832, 480, 1)] if on_gpu else [cb.VideoPoint(128, 128, 1)]
+    )
+
+
+def main_comfyui(args, parser, pkg) -> int:
+    cb = importlib.import_module(f"{PACKAGE}.bench.comfy_bench")
+    report = pkg.bench.report
+    import comfy.model_management as mm
+
+    device = mm.get_torch_device()
+    on_gpu = device.type == "cuda"
+    path = Path(args.model_path)
+    if not path.is_file():
+        raise SystemExit(f"--model-path: no such file: {path}")
+    prefetches = args.prefetch if args.prefetch is not None else ([1] if on_gpu else [0])
+    non_blocking = args.non_blocking or on_gpu and args.prefetch is None
+    points = comfy_points(args, on_gpu, cb)
+    counts: list[int] = []
+
+    def counts_for(num_blocks: int) -> list[int]:
+        counts[:] = swap_counts(args, num_blocks)
+        return counts
+
+    spec = cb.Spec(
+        model_path=str(path),
+        points=points,
+        counts_for=counts_for,
+        prefetches=prefetches,
+        non_blocking=non_blocking,
+        steps=args.steps,
+        text_tokens=512,
+        vram_limit_gb=args.vram_limit,
+        fp8_optimization=args.fp8_optimization,
+        comfyui_gguf_path=args.comfyui_gguf,
+        progress=Progress(1 + len(points) * 8, enabled=not args.json_only),
+    )
+    result = cb.Runner(spec, pkg).run()
+    spec.progress.close()
+    rows = result.pop("rows")
+    bases = {r["video"]: r for r in rows if r["contender"] == "resident" and not r["error"]}
+    card_gb = args.vram_limit or (pkg.utils.machine_info()["gpu_memory_gb"] if on_gpu else None)
+    for row in rows:
+        row["memory"] = {
+            "gpu_peak_allocated_mb": row.get("peak_vram_mb", NO_GPU),
+            "cpu_rss_mb": row.get("cpu_rss_mb"),
+        }
+        base = bases.get(row["video"])
+        if row["error"] or base is None:
+            for key in ORIGINAL_ROW_KEYS:
+                row.setdefault(key, None)
+            row["model_path"] = str(path)
+        else:
+            compare(row, base, str(path))
+        row["fits_card"] = report.fits(row, card_gb * 1024 if card_gb else None)
+    largest = max(points, key=lambda p: p.width * p.height * p.frames).label
+    doc: dict[str, object] = {
+        "tool": "test_performance.py",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "smoke_run": not on_gpu,
+        "machine": pkg.utils.machine_info(),
+        "workload": {
+            "model_path": str(path),
+            "model_runner": f"ComfyUI {result['comfyui_version']} {result['model_class']} (WAN Model Loader path)",
+            "layers": result["blocks"],
+            "videos": [p.label for p in points],
+            "blocks_to_swap": counts,
+            "prefetch_blocks": prefetches,
+            "non_blocking": non_blocking,
+            "steps": args.steps,
+            "text_tokens": 512,
+            "vram_limit_gb": args.vram_limit,
+            "card_gb": card_gb,
+            "fp8_optimization": args.fp8_optimization,
+            "load_time_s": result["file_load_s"],
+        },
+        "comfyui": result,
+        "contenders": list(dict.fromkeys(r["contender"] for r in rows)),
+        "results": rows,
+        "recommendation": report.recommendation(rows, card_gb, largest),
+    }
+    if args.chart:
+        title = f"{path.name}: {result['blocks']} blocks, ComfyUI {result['comfyui_version']} ({doc['machine']['gpu'] or 'CPU'})"
+        report.write_chart(rows, args.chart, title)
+        doc["chart"] = args.chart
+    Path(args.output).write_text(json.dumps(doc, indent=2))
+    if args.json_only:
+        print(json.dumps(doc, indent=2))
+        return 0
+    m = doc["machine"]
+    print(
+        f"Machine: {m['gpu'] or 'CPU only'}; CPU {m['cpu']} x{m['cpu_cores']}, {m['ram_gb']} GB RAM; "
+        f"torch {m['torch']}; ComfyUI {result['comfyui_version']} on {result['device']}"
+    )
+    print(
+        f"Model: {path} -> {result['model_class']}, {result['blocks']} blocks, weights {result['weight_dtype']}, "
+        f"compute {result['compute_dtype']}, loaded in {result['file_load_s']:.2f} s"
+        + (f"; simulated card: {args.vram_limit:g} GB" if args.vram_limit else "")
+    )
+    if not on_gpu:
+        print(
+            "NOTE: no GPU - ComfyUI runs in CPU mode: a smoke run of every contender's machinery, not a "
+            "performance result. VRAM columns: " + NO_GPU
+        )
+    print(format_rows(rows, COMFY_COLUMNS))
+    for skipped in result["skipped_contenders"]:
+        print(f"Not measured: {skipped['contender']}: {skipped['reason']}")
+    for row in rows:
+        if row["error"]:
+            print(
+                f"Failed: {row['contender']} swap={row['blocks_to_swap']} at {row['video']}: {row['error']}"
+            )
+    print(doc["recommendation"])
+    if args.chart:
+        print(f"Chart written to {args.chart}")
+    print(f"Results written to {args.output}")
+    return 0
+
+
+def format_rows(rows: list[dict[str, object]], columns) -> str:
+    table = []
+    for r in rows:
+        cells = []
+        for key, _ in columns:
+            value = r.get(key)
+            if key == "bytes_moved_per_step" and isinstance(value, int):
+                value = load_package().utils.mib(value)
+            if r.get("error") and key not in ("contender", "video", "blocks_to_swap", "prefetch_blocks"):
+                value = "error" if key == "step_time_s" else None
+            cells.append(_cell(value))
+        table.append(cells)
+    headers = [h for _, h in columns]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in table]
     return "\n".join(lines)
 
 

@@ -34,6 +34,9 @@ PRESETS: dict[str, WanShape] = {
     "1.3b": WanShape(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "5b": WanShape(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
     "14b": WanShape(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # The CPU default of test_performance.py: 1.3B's depth (so the default blocks_to_swap=20 means the same
+    # share of blocks) with narrow blocks, so a 2-core machine runs the whole path in seconds.
+    "small": WanShape(dim=512, ffn_dim=1536, num_heads=4, num_layers=30),
     # Test sizes: load through comfy.sd and sample on a CPU in well under a second.
     "tiny": WanShape(dim=128, ffn_dim=256, num_heads=2, num_layers=4),
 }

@@ -3,9 +3,9 @@
 # the ComfyUI checkout(s) under .hosts/ on the GPU, and the 14B-shaped benchmark with ComfyUI's own
 # offloading for comparison. Prints short tables; logs and JSON go to OUTDIR.
 #   bash scripts/gpu_check.sh [OUTDIR]      (OUTDIR defaults to $OUT, else /tmp/gpu_check)
-#   PARTS="cuda host" bash scripts/gpu_check.sh    (a subset of: cuda host setups bench)
+#   PARTS="cuda host" bash scripts/gpu_check.sh    (a subset of: cuda host setups bench bench2)
 set -uo pipefail
-PARTS=${PARTS:-cuda host setups bench}
+PARTS=${PARTS:-cuda host setups bench bench2}
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUTDIR"
@@ -50,8 +50,27 @@ if [ -n "$HOST" ] && [[ " $PARTS " == *" setups "* ]]; then
   timeout 120 $PY -m pytest tests/cuda -q -rs -p no:cacheprovider -k "gpu or pin" 2>&1 | tail -4
 fi
 
-[[ " $PARTS " == *" bench "* ]] || exit 0
+if [[ " $PARTS " == *" bench "* ]]; then
 echo "== benchmark: 14B block shapes (20 blocks), sweep of swapped blocks, ComfyUI native offloading"
 timeout ${BENCH_TIMEOUT:-240} $PY test_performance.py --preset 14b --layers 20 --tokens 32760,1560 --test-all \
   --prefetch 1 --non-blocking --steps 3 ${HOST:+--compare-native --comfyui-path $PWD/$HOST} \
   --output "$OUTDIR/bench_14b.json" 2>&1 | tee "$OUTDIR/bench.log"
+fi
+
+# bench2 (prepared, not yet run on a GPU): the user-file mode inside ComfyUI on a simulated 12 GB card,
+# 14B block shapes with 10 blocks, bf16 (and fp8 via the loader) vs 0.8.1's and 0.33's offloading (and
+# 0.33's dynamic VRAM), Q8_0 GGUF vs ComfyUI-GGUF's own offloading, at 32,760 and 1,560 tokens.
+[[ " $PARTS " == *" bench2 "* ]] || exit 0
+FILES=${BENCH_FILES:-/tmp/wan_bench_files}
+$PY scripts/make_bench_files.py "$FILES" --preset 14b --layers 10 2>&1 | tail -1
+[ -d .hosts/ComfyUI-GGUF ] && export COMFYUI_GGUF_PATH=$PWD/.hosts/ComfyUI-GGUF
+for H in $(ls -d .hosts/*0.8.1*/ .hosts/*0.33*/ 2>/dev/null | sed 's:/$::'); do
+  V=$(basename "$H")
+  for F in "$FILES"/wan_14b_10blocks_bf16.safetensors "$FILES"/wan_14b_10blocks_Q8_0.gguf; do
+    echo "== bench2: $V $(basename "$F")"
+    timeout ${BENCH2_TIMEOUT:-150} $PY test_performance.py --comfyui "$PWD/$H" --model-path "$F" --vram-limit 12 \
+      --tokens 32760,1560 --test-all --prefetch 1 --non-blocking --steps 2 \
+      --chart "$OUTDIR/bench2_${V}_$(basename "$F").png" --output "$OUTDIR/bench2_${V}_$(basename "$F").json" \
+      2>&1 | tee "$OUTDIR/bench2_${V}_$(basename "$F").log" | tail -12
+  done
+done

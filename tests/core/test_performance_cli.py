@@ -123,7 +123,7 @@ def test_too_many_blocks_and_missing_files_are_clear_errors(tmp_path):
         cli.main(["--model-path", str(not_wan)])
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(SystemExit, match="GGUF files are not supported by it yet"):
+    with pytest.raises(SystemExit, match="GGUF files .* need ComfyUI: pass --comfyui PATH"):
         cli.main(["--model-path", str(gguf)])
 
 
