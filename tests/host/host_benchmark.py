@@ -59,6 +59,9 @@ NUMERIC_COLUMNS = (
 )
 
 
+COMFY_GGUF = Path(os.environ.get("COMFYUI_GGUF_PATH") or Path.home() / "comfy-hosts" / "ComfyUI-GGUF")
+
+
 def _write_files(tmp_path):
     from gguf import GGMLQuantizationType as T
 
@@ -88,11 +91,15 @@ def test_model_path_runs_comfyui_wanmodel_against_native_offloading_with_a_chart
         out, chart = tmp_path / f"{path.stem}.json", tmp_path / f"{path.stem}.png"
         argv = ["--model-path", str(path), "--steps", "1", "--resolution", "64x64", "--frames", "1"]
         argv += ["--blocks-to-swap", "2", "--output", str(out), "--chart", str(chart)]
+        with_city96 = path.suffix == ".gguf" and COMFY_GGUF.is_dir()
+        if with_city96:
+            argv += ["--comfyui-gguf", str(COMFY_GGUF)]
         assert cli.main(argv) == 0
         doc = json.loads(out.read_text())
         assert doc["comfyui"]["model_class"] == "WanModel"
         rows = doc["results"]
-        assert {r["contender"] for r in rows} >= {"resident", "blockswap", "comfyui_lowvram"}
+        expected = {"resident", "blockswap", "comfyui_lowvram"} | ({"comfyui_gguf"} if with_city96 else set())
+        assert {r["contender"] for r in rows} >= expected
         for row in rows:
             assert row["error"] is None, row
             for key in cli.ORIGINAL_ROW_KEYS:
