@@ -374,6 +374,7 @@ def test_comfyuis_offload_streams_wait_for_slot_copies_too(monkeypatch):
 
 def test_dropping_the_model_frees_its_host_copies_and_returns_its_pinned_share(tmp_path):
     """What ComfyUI's /free (unload_models + free_memory) amounts to: models unloaded, then released."""
+    import ctypes
     import gc
     import weakref
 
@@ -383,22 +384,28 @@ def test_dropping_the_model_frees_its_host_copies_and_returns_its_pinned_share(t
 
     path = write_checkpoint(tmp_path, "t2v", dim=512, num_layers=4)
 
+    def rss():
+        # glibc keeps freed blocks below its (moving) mmap threshold in the heap; trim them, so the reading
+        # shows what this process holds rather than the allocator's cache.
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return psutil.Process().memory_info().rss
+
     def load_sample_drop():
         model = swap(load(path), blocks_to_swap=4, use_non_blocking=True, prefetch_blocks=1)
         sample(model)
         engine = plan(model).engine
         refs = [weakref.ref(engine)] + [weakref.ref(u.slab) for u in engine.swapped_units]
         slab_bytes = sum(u.nbytes for u in engine.swapped_units)
+        loaded = rss()
         del model, engine
         mm.unload_all_models()
         mm.soft_empty_cache()
-        gc.collect()
-        return refs, slab_bytes
+        return refs, slab_bytes, loaded - rss()
 
     load_sample_drop()  # first time: ComfyUI's and torch's own one-off allocations
-    rss_before = psutil.Process().memory_info().rss
-    refs, slab_bytes = load_sample_drop()
+    refs, slab_bytes, returned = load_sample_drop()
     assert slab_bytes > 30 * 2**20
     assert all(ref() is None for ref in refs)  # the engine and every slab are gone
     assert len(bm._PINNED.claims) == 0 and bm.pinned_bytes_in_use() == 0
-    assert psutil.Process().memory_info().rss < rss_before + slab_bytes // 4  # the RAM went back to the OS
+    assert returned > slab_bytes // 2, (returned, slab_bytes)  # the host copies' RAM went back to the OS
