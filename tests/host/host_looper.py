@@ -14,6 +14,7 @@ from wan22_blockswap import callbacks, nodes
 
 from .comfy_helpers import conditioning, load, write_checkpoint
 from .host_blockswap import _lora_patches
+from .host_lowvram import model_bytes
 from .lowvram import SimulatedCard, loaded_weight_memory
 
 LOOPER = Path(os.environ.get("WANVIDEOLOOPER_PATH") or Path.home() / "comfy-hosts" / "WanVideoLooper")
@@ -77,6 +78,13 @@ def looper_segments(high_for, low_for, segments=3, between=None, steps=4):
     return torch.stack(outputs)
 
 
+def pick(sequence, base, index):
+    """The model WanVideoLooper uses for segment i: the sequence's entry, or its base model for None."""
+    return lambda i: (
+        sequence[i][index] if sequence[i] is not None and sequence[i][index] is not None else base
+    )
+
+
 def looper_models(high, low, **settings):
     return nodes.WAN22BlockSwapLooperModels().apply(high, low, **{**SETTINGS, **settings})
 
@@ -86,7 +94,7 @@ def test_a_looper_loop_with_looper_models_equals_the_loop_without_swapping(exper
     simulated = SimulatedCard(total=0) if card == "small_card" else None
     with simulated.active() if simulated else contextlib.nullcontext():
         high, low = (load(p) for p in experts)
-        size = sum(t.numel() * t.element_size() for t in high.model.state_dict().values())
+        size = model_bytes(high)
         between = None
         if simulated:
             simulated.total = int(size * 2.5)  # both experts would fit side by side
@@ -107,7 +115,7 @@ def test_the_experts_take_turns_and_comfyuis_numbers_stay_true(experts):
     card = SimulatedCard(total=0)
     with card.active():
         high, low = (load(p) for p in experts)
-        size = sum(t.numel() * t.element_size() for t in high.model.state_dict().values())
+        size = model_bytes(high)
         card.total = int(size * 2.5)  # room for both side by side: turns are the pack's doing
         s_high, s_low = looper_models(high, low)
         seen = []
@@ -167,9 +175,6 @@ def test_the_sequencer_keeps_the_structure_and_shares_one_plan_per_base_model(ex
 def test_a_loop_with_the_sequencer_equals_the_loop_without_swapping(experts):
     high, low = (load(p) for p in experts)
     sequence, _ = sequence_with_a_lora_at_segment_2(high)
-
-    def pick(seq, base, index):
-        return lambda i: seq[i][index] if seq[i] is not None and seq[i][index] is not None else base
 
     reference = looper_segments(pick(sequence, high, 0), pick(sequence, low, 1))
     (swapped_seq,) = nodes.WAN22BlockSwapSequencer().apply(sequence, **SETTINGS)
@@ -323,7 +328,7 @@ def test_the_real_wanvideolooper_with_looper_models_equals_it_without_swapping(e
     simulated = SimulatedCard(total=0) if card == "small_card" else None
     with simulated.active() if simulated else contextlib.nullcontext():
         high, low = (load(p) for p in experts)
-        size = sum(t.numel() * t.element_size() for t in high.model.state_dict().values())
+        size = model_bytes(high)
         if simulated:
             simulated.total = int(size * 2.5)
         vae = StandInVae(simulated, int(size * 0.8))
@@ -370,9 +375,6 @@ def test_a_gguf_pair_with_a_lora_in_the_sequence_loops_like_unswapped(experts, t
     lora = high.clone()
     lora.add_patches(lora_patches(high), 1.0)
     sequence = [None, (lora, None, None)] + [None] * 8
-
-    def pick(seq, base, index):
-        return lambda i: seq[i][index] if seq[i] is not None and seq[i][index] is not None else base
 
     with torch.no_grad():
         plain = looper_segments(lambda i: high, lambda i: low)
