@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -174,6 +174,8 @@ class SwapCounters:
     slot_hits: int = 0  # unit still in its slot from an earlier forward: no copy needed
     slabs_built: int = 0  # host slabs made (each swapped byte is copied into RAM once per build)
     slab_bytes_built: int = 0
+    slab_tensors_from_sources: int = 0  # tensors copied into a slab straight from a given source (a file)
+    slab_bytes_from_sources: int = 0  # bytes read from those sources (the source's dtype)
 
     def reset(self) -> None:
         """Zero the per-run counters (slab builds count over the plan's life and stay)."""
@@ -733,13 +735,18 @@ class BlockSwapEngine:
         for unit in self.order:
             unit.slab_pinned = False
 
-    def park(self) -> None:
+    def park(self, sources: Mapping[int, torch.Tensor] | None = None) -> None:
         """Put every swapped unit into its host slab now (built on first use), without a run.
 
         A host calls this at load time, so swapped units are in host RAM before anything could move
         them to the device. Cheap when the slabs are current.
+
+        sources: id(tensor) -> where its value is to be read from when its slab is built, instead of the
+            tensor itself (a loader that held back filling freshly allocated, never-touched parameters reads
+            each one straight from the file into the slab). The slab keeps the tensor's dtype and shape; a
+            source of another dtype is converted as ``Tensor.copy_`` converts.
         """
-        self._ensure_slabs()
+        self._ensure_slabs(sources or {})
 
     def forget_slabs(self) -> None:
         """Give up the slabs (another plan takes over the module): detach, unpin, and leave the memory
@@ -805,16 +812,17 @@ class BlockSwapEngine:
 
     # -- slabs ---------------------------------------------------------------------------------
 
-    def _ensure_slabs(self) -> None:
+    def _ensure_slabs(self, sources: Mapping[int, torch.Tensor] | None = None) -> None:
         """Every swapped unit in its slab: built on first use, refreshed where a tensor was re-pointed
         since (a host that replaced a weight); untouched units cost nothing."""
+        sources = sources or {}
         for unit in self.order:
             if unit.slab is not None:
                 self._refresh_slab(unit)
         to_build = [u for u in self.order if u.slab is None]
         if not to_build:
             return
-        self._check_ram_for(to_build)
+        self._check_ram_for(to_build, sources)
         self._claim_pinned_share()
         pin = (
             self.use_non_blocking and self.compute_device.type == "cuda" and self.offload_device.type == "cpu"
@@ -823,7 +831,7 @@ class BlockSwapEngine:
         started, pinned_bytes, warned_pin = time.perf_counter(), 0, False
         for done, unit in enumerate(to_build, 1):
             allowed = min(budget - _PINNED.bytes, _PINNED.share(self, budget) - self.pinned_bytes())
-            if self._build_slab(unit, pin and _layout_size(unit) <= allowed):
+            if self._build_slab(unit, pin and _layout_size(unit) <= allowed, sources):
                 pinned_bytes += unit.nbytes
             elif pin and not warned_pin:
                 warned_pin = True
@@ -852,13 +860,17 @@ class BlockSwapEngine:
             budget = budget()
         return max(int(default_pinned_budget() if budget is None else budget), 0)
 
-    def _check_ram_for(self, units: list[SwapUnit]) -> None:
+    def _check_ram_for(
+        self, units: list[SwapUnit], sources: Mapping[int, torch.Tensor] | None = None
+    ) -> None:
         """Refuse, before copying anything, slabs the free RAM cannot hold.
 
         A unit whose tensors are in CPU RAM frees them as its slab takes over (the parameters are the only
         owners), so it needs one unit of headroom at a time; a unit that sits on another device (a model
-        created on the GPU) needs its whole slab in new RAM.
+        created on the GPU) or is read from sources (its tensors were never filled, so freeing them returns
+        nothing) needs its whole slab in new RAM.
         """
+        sources = sources or {}
         free = available_ram()
         if free is None or self.offload_device.type != "cpu":
             return
@@ -866,7 +878,7 @@ class BlockSwapEngine:
         elsewhere = sum(
             size
             for size, u in zip(sizes, units, strict=True)
-            if any(t.device.type != "cpu" for *_, t in u.tensors())
+            if any(t.device.type != "cpu" or id(t) in sources for *_, t in u.tensors())
         )
         needed = elsewhere + max(sizes)
         if needed <= free:
@@ -880,8 +892,13 @@ class BlockSwapEngine:
             "about 53 %, Q4_K about 28 %), or closing what else uses RAM."
         )
 
-    def _build_slab(self, unit: SwapUnit, pin: bool) -> bool:
-        """Copy the unit into one new contiguous host buffer and point its tensors at it. True if pinned."""
+    def _build_slab(
+        self, unit: SwapUnit, pin: bool, sources: Mapping[int, torch.Tensor] | None = None
+    ) -> bool:
+        """Copy the unit into one new contiguous host buffer and point its tensors at it. True if pinned.
+
+        A tensor listed in `sources` is filled from its source instead of from itself."""
+        sources = sources or {}
         current = list(unit.tensors())
         unit.layout, unit.nbytes = _layout(current)
         self._placement.remember_home(unit, current[0][3].device if current else self.offload_device)
@@ -892,8 +909,21 @@ class BlockSwapEngine:
             unit.slab_pinned = _pin_in_place(unit.slab)
             if unit.slab_pinned:
                 self._pinned_slabs.append(unit.slab)
-        for (*_, t), view in zip(current, unit.slab_views, strict=True):
-            _copy_bytes(view, t)
+        for (owner, attr, _, t), view in zip(current, unit.slab_views, strict=True):
+            source = sources.get(id(t))
+            if source is None:
+                _copy_bytes(view, t)
+                continue
+            if is_wrapper_tensor(t) or tuple(source.shape) != tuple(torch.Tensor.size(t)):
+                raise ValueError(
+                    f"{unit.name}: the source given for {type(owner).__name__}.{attr} has shape "
+                    f"{tuple(source.shape)}, the tensor {tuple(torch.Tensor.size(t))}"
+                    + (" and is a wrapper subclass" if is_wrapper_tensor(t) else "")
+                )
+            with torch.no_grad():
+                plain_tensor(view).copy_(source)
+            self.counters.slab_tensors_from_sources += 1
+            self.counters.slab_bytes_from_sources += tensor_nbytes(source)
         self._bind(unit, unit.slab_views)
         self.counters.slabs_built += 1
         self.counters.slab_bytes_built += unit.nbytes

@@ -112,6 +112,19 @@ class SwapPlan:
             owner.engine.forget_slabs()
         _MODULE_OWNERS[self.diffusion_model] = weakref.ref(self)
 
+    def build_host_copies(self, sources: dict[int, torch.Tensor], on_slab_built=None) -> None:
+        """At load time (the combined loader): take the module and build every swapped unit's slab now,
+        reading the tensors listed in `sources` (id -> file tensor) from there instead of from the
+        never-filled parameters."""
+        self.take_module()
+        previous = self.engine.on_slab_built
+        if on_slab_built is not None:
+            self.engine.on_slab_built = on_slab_built
+        try:
+            self.engine.park(sources)
+        finally:
+            self.engine.on_slab_built = previous
+
     def prepare_load(self, patcher) -> None:
         """Called by the patcher's load(): swapped units go (or stay) in host RAM, never to the GPU."""
         self._patcher_ref = weakref.ref(patcher)

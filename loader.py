@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import time
 
 import comfy.model_detection
 import comfy.model_patcher
@@ -26,11 +28,13 @@ import comfy.utils
 import folder_paths
 import safetensors
 import torch
+from torch.overrides import TorchFunctionMode
 
-from .config import check_choice
+from .block_manager import tensor_nbytes
+from .config import SwapConfig, check_choice
 from .quant.ops import GGUFOps, load_progress
 from .quant.reader import is_gguf_weight, load_gguf_state_dict
-from .utils import FLOAT_DTYPES, FP8_DTYPES
+from .utils import FLOAT_DTYPES, FP8_DTYPES, format_bytes
 from .wan.detect import ResolvedWanType, detect_wan, logical_shapes, resolve_choice
 
 log = logging.getLogger(__name__)
@@ -334,17 +338,65 @@ def _log_choice(name: str, detection, choice: ResolvedWanType) -> None:
         log.info("[BlockSwap] WAN Model Loader: %s", note)
 
 
-def load_safetensors_model(
-    path: str,
-    wan_version: str = "auto",
-    model_variant: str = "auto",
-    fp8_optimization: str = "disabled",
-    weight_dtype: str = "auto",
-):
-    """A ModelPatcher for a WAN safetensors file, built by ComfyUI's own diffusion-model loader."""
-    options, compute_dtype = safetensors_model_options(fp8_optimization, weight_dtype)
+class HeldBackCopies(TorchFunctionMode):
+    """While active: copies from the watched (file) tensors into other tensors are recorded, not made.
+
+    ComfyUI builds a model by allocating every parameter and then copying the state dict into it
+    (``Tensor.copy_`` in ``load_state_dict``). A fresh allocation costs no RAM until it is written, so a
+    parameter whose copy is held back stays untouched: a swapped block's parameter is then filled once,
+    straight from the file into its host slab (:meth:`BlockSwapEngine.park` with `sources`), and its
+    never-touched allocation is returned when the slab takes its place. :meth:`complete` makes every
+    copy nobody took, exactly as ComfyUI would have made it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._watched: dict[int, torch.Tensor] = {}
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(destination) -> (dst, src)
+
+    def watch(self, tensors) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._watched[id(t)] = t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.copy_ and len(args) == 2 and not kwargs:
+            dst, src = args
+            if (
+                self._watched.get(id(src)) is src
+                and type(dst) in (torch.Tensor, torch.nn.Parameter)
+                and tuple(dst.shape) == tuple(src.shape)
+                and id(dst) not in self.pending
+            ):
+                self.pending[id(dst)] = (dst, src)
+                return dst
+        return func(*args, **kwargs)
+
+    def sources(self) -> dict[int, torch.Tensor]:
+        """id(parameter or buffer) -> the file tensor its value is to be read from."""
+        return {key: src for key, (_dst, src) in self.pending.items()}
+
+    def complete(self, taken: set[int] = frozenset(), on_copy=None) -> int:
+        """Make every held-back copy except those in `taken` (read into slabs instead). Returns the bytes
+        copied; afterwards the file tensors are let go."""
+        copied = 0
+        with torch.no_grad():
+            for key, (dst, src) in self.pending.items():
+                if key in taken:
+                    continue
+                dst.copy_(src)
+                copied += dst.numel() * dst.element_size()
+                if on_copy is not None:
+                    on_copy(dst)
+        self.pending.clear()
+        self._watched.clear()
+        return copied
+
+
+def _check_safetensors(path: str, wan_version: str, model_variant: str) -> None:
+    """Everything checked before a safetensors file is built: readable, complete, the chosen WAN type."""
     name = os.path.basename(path)
-    progress = comfy.utils.ProgressBar(3)
     shapes, dtypes, metadata = read_safetensors_tensors(path)
     try:
         detection = detect_wan(shapes, metadata)
@@ -353,8 +405,57 @@ def load_safetensors_model(
     choice = resolve_choice(detection, wan_version, model_variant, source=name)
     check_complete_wan(name, shapes, detection, dtypes)
     _log_choice(name, detection, choice)
+
+
+def _build_safetensors(path: str, options: dict, held_back: HeldBackCopies, disable_dynamic: bool):
+    """ComfyUI's own diffusion-model loading (``load_diffusion_model``'s two steps: its file reader, then
+    its state-dict loader), with the copies into the new parameters held back by `held_back`."""
+    name = os.path.basename(path)
+    state_dict, metadata = _comfy_load(name, comfy.utils.load_torch_file, path, return_metadata=True)
+    accepted = inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters
+    kwargs = {}
+    if "metadata" in accepted:  # 0.3.65+; 0.3.64's load_diffusion_model passes none either
+        kwargs["metadata"] = metadata
+    if disable_dynamic and "disable_dynamic" in accepted:
+        kwargs["disable_dynamic"] = True
+    held_back.watch(state_dict.values())
+    with held_back:
+        patcher = _comfy_load(
+            name, comfy.sd.load_diffusion_model_state_dict, state_dict, model_options=options, **kwargs
+        )
+    if patcher is None:
+        raise ValueError(f"{name}: ComfyUI could not detect the model type of this file")
+    if hasattr(patcher, "cached_patcher_init"):
+        patcher.cached_patcher_init = (
+            comfy.sd.load_diffusion_model,
+            (path, options),
+        )  # as its loader sets it
+    return patcher
+
+
+def load_safetensors_model(
+    path: str,
+    wan_version: str = "auto",
+    model_variant: str = "auto",
+    fp8_optimization: str = "disabled",
+    weight_dtype: str = "auto",
+    held_back: HeldBackCopies | None = None,
+    disable_dynamic: bool = False,
+):
+    """A ModelPatcher for a WAN safetensors file, built by ComfyUI's own diffusion-model loader.
+
+    held_back: for the combined loader: the copies from the file into the parameters are held back
+    (:class:`HeldBackCopies`), to be read straight into host slabs or completed later.
+    """
+    options, compute_dtype = safetensors_model_options(fp8_optimization, weight_dtype)
+    name = os.path.basename(path)
+    progress = comfy.utils.ProgressBar(3)
+    _check_safetensors(path, wan_version, model_variant)
     progress.update(1)
-    patcher = _comfy_load(name, comfy.sd.load_diffusion_model, path, model_options=options)
+    if held_back is None:
+        patcher = _comfy_load(name, comfy.sd.load_diffusion_model, path, model_options=options)
+    else:
+        patcher = _build_safetensors(path, options, held_back, disable_dynamic)
     progress.update(1)
     if compute_dtype is not None:
         _set_compute_dtype(patcher, compute_dtype)
@@ -421,8 +522,12 @@ def load_gguf_model(
     model_variant: str = "auto",
     fp8_optimization: str = "disabled",
     weight_dtype: str = "auto",
+    held_back: HeldBackCopies | None = None,
 ):
-    """A WanGGUFModelPatcher for a WAN GGUF file: quantized weights stay memory-mapped GGUFWeights."""
+    """A WanGGUFModelPatcher for a WAN GGUF file: quantized weights stay memory-mapped GGUFWeights.
+
+    held_back: as for :func:`load_safetensors_model` (the float tensors' copies; quantized weights are
+    never copied at load: they stay views of the file)."""
     name = os.path.basename(path)
     if fp8_optimization != "disabled" or weight_dtype != "auto":
         log.info(
@@ -448,7 +553,9 @@ def load_gguf_model(
         # ComfyUI 0.16+: its dynamic-VRAM patcher streams float weights by itself; GGUF layers cast their
         # own weights, so the model gets a classic patcher (as ComfyUI-GGUF's models do).
         kwargs["disable_dynamic"] = True
-    with load_progress(lambda: progress.update(1)):
+    if held_back is not None:
+        held_back.watch(state_dict.values())
+    with load_progress(lambda: progress.update(1)), held_back or contextlib.nullcontext():
         patcher = _comfy_load(
             name,
             comfy.sd.load_diffusion_model_state_dict,
@@ -491,3 +598,85 @@ def load_wan_model(
     if model_type == "gguf":
         return load_gguf_model(path, wan_version, model_variant, fp8_optimization, weight_dtype)
     return load_safetensors_model(path, wan_version, model_variant, fp8_optimization, weight_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The combined loader: read the file straight into the swap layout
+# --------------------------------------------------------------------------------------------
+
+
+def load_swapped_wan_model(
+    model_type: str,
+    safetensors_model: str,
+    gguf_model: str,
+    wan_version: str,
+    model_variant: str,
+    fp8_optimization: str,
+    weight_dtype: str,
+    config: SwapConfig,
+):
+    """What WAN Model Loader -> WAN 2.2 BlockSwap gives, with every tensor read from the file once, into
+    its final home: swapped blocks straight into their host slabs (pinned within the budget), the other
+    weights into the parameters ComfyUI allocated for them (CPU RAM, until ComfyUI loads the model).
+
+    The model is built by ComfyUI's own loader (its model class, key conversion, fp8 handling), with the
+    copies into the new parameters held back until the swap plan is known (:class:`HeldBackCopies`).
+    """
+    from .callbacks import apply_block_swap, plan_of
+
+    if not isinstance(config, SwapConfig):
+        raise TypeError(f"config must be a SwapConfig (got {type(config).__name__})")
+    started = time.perf_counter()
+    name = safetensors_model if model_type == "safetensors" else gguf_model
+    path = resolve_model_path(model_type, name)
+    held_back = HeldBackCopies()
+    try:
+        if model_type == "gguf":
+            patcher = load_gguf_model(
+                path, wan_version, model_variant, fp8_optimization, weight_dtype, held_back
+            )
+        else:
+            patcher = load_safetensors_model(
+                path,
+                wan_version,
+                model_variant,
+                fp8_optimization,
+                weight_dtype,
+                held_back,
+                disable_dynamic=config.override_dynamic_vram,
+            )
+        swapped = apply_block_swap(patcher, config)
+        plan = plan_of(swapped)
+        units = plan.engine.swapped_units if plan is not None else []
+        taken = {id(t) for unit in units for *_, t in unit.tensors()} & held_back.pending.keys()
+        slab_tensors = [sum(1 for _ in unit.tensors()) for unit in units]
+        # One bar over the tensors read from the file: a slab's at once, then each other weight.
+        progress = comfy.utils.ProgressBar(max(sum(slab_tensors) + len(held_back.pending) - len(taken), 1))
+        if plan is not None:
+            plan.build_host_copies(
+                held_back.sources(),
+                on_slab_built=lambda done, _total: progress.update(slab_tensors[done - 1]),
+            )
+        held_back.complete(taken, on_copy=lambda _dst: progress.update(1))
+    except BaseException:
+        held_back.pending.clear()
+        raise
+    swapped_ids = {id(t) for unit in units for *_, t in unit.tensors()}
+    others = [t for t in swapped.model.state_dict(keep_vars=True).values() if id(t) not in swapped_ids]
+    resident = sum(tensor_nbytes(t) for t in others if t.device.type == "cpu")
+    to_gpu = sum(tensor_nbytes(t) for t in others if t.device.type != "cpu")  # --gpu-only / --highvram
+    slab_bytes = sum(u.nbytes for u in units)
+    pinned = sum(u.nbytes for u in units if u.slab_pinned)
+    log.info(
+        "[BlockSwap] WAN BlockSwap Model Loader: %s read in %.2f s: %s to the GPU, %s into host slabs of %d "
+        "swapped units (%s pinned, %s pageable), %s of other weights in RAM until ComfyUI loads them",
+        name,
+        time.perf_counter() - started,
+        format_bytes(to_gpu),
+        format_bytes(slab_bytes),
+        len(units),
+        format_bytes(pinned),
+        format_bytes(slab_bytes - pinned),
+        format_bytes(resident),
+    )
+    return swapped

@@ -236,6 +236,56 @@ NODE_CLASS_MAPPINGS["WANModelLoader"] = WANModelLoader
 NODE_DISPLAY_NAME_MAPPINGS["WANModelLoader"] = "WAN Model Loader"
 
 
+class WAN22BlockSwapLoader:
+    DESCRIPTION = (
+        "WAN Model Loader and WAN 2.2 BlockSwap in one node, with the same inputs and the same resulting "
+        "model, loaded without a second copy of anything: each swapped block is read from the file straight "
+        "into its host copy in CPU RAM (pinned within the budget when use_non_blocking is on) and never goes "
+        "to the GPU; the other weights are read into the RAM ComfyUI allocated for them and go to the GPU "
+        "when ComfyUI loads the model, as with any loader."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The WAN model with block swapping applied while it samples.",)
+    FUNCTION = "load_model"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = swap_inputs()
+        inputs["required"] = {**WANModelLoader.INPUT_TYPES()["required"], **inputs["required"]}
+        inputs["optional"]["override_dynamic_vram"] = override_dynamic_vram_input()
+        return inputs
+
+    def load_model(
+        self,
+        model_type,
+        safetensors_model,
+        gguf_model,
+        wan_version="auto",
+        model_variant="auto",
+        fp8_optimization="disabled",
+        weight_dtype="auto",
+        **settings,
+    ):
+        config = SwapConfig(**settings)  # checked before the file is read
+        model = loader.load_swapped_wan_model(
+            model_type,
+            safetensors_model,
+            gguf_model,
+            wan_version,
+            model_variant,
+            fp8_optimization,
+            weight_dtype,
+            config,
+        )
+        return (model,)
+
+
+NODE_CLASS_MAPPINGS["WAN22BlockSwapLoader"] = WAN22BlockSwapLoader
+NODE_DISPLAY_NAME_MAPPINGS["WAN22BlockSwapLoader"] = "WAN BlockSwap Model Loader"
+
+
 LOOPER_CATEGORY = "ComfyUI_Wan22Blockswap/looper"
 
 

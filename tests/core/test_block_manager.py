@@ -777,3 +777,50 @@ def test_a_second_plan_for_the_same_model_adopts_the_slabs_without_copying(model
     with second.attached():
         assert torch.equal(model(**inputs), reference)
     assert second.counters.slabs_built == 1  # only block 1, which the first plan kept on the device
+
+
+def test_slabs_filled_from_sources_hold_the_source_values_in_the_tensors_dtype(models):
+    """A loader that never filled the swapped parameters hands their file tensors to park(): the slab
+    gets the source's values (converted to the parameter's dtype, as Tensor.copy_ converts), the
+    parameters themselves are never read, and the counters show each source read once."""
+    model = sm.build_model("tiny", num_layers=4)
+    inputs = sm.example_inputs(model)
+    reference = model(**inputs)
+    engine = make_engine(model, 2)
+    swapped = [t for unit in engine.swapped_units for *_, t in unit.tensors()]
+    # The "file": float64 copies of the true values; the parameters are overwritten with garbage.
+    sources = {id(t): t.detach().clone().double() for t in swapped}
+    with torch.no_grad():
+        for t in swapped:
+            t.fill_(float("nan"))
+    engine.park(sources)
+    assert engine.counters.slab_tensors_from_sources == len(swapped)
+    assert engine.counters.slab_bytes_from_sources == sum(s.numel() * 8 for s in sources.values())
+    assert engine.counters.slabs_built == 2
+    for unit in engine.swapped_units:
+        start = unit.slab.data_ptr()
+        for *_, t in unit.tensors():
+            assert start <= t.data_ptr() < start + unit.nbytes and t.dtype == torch.float32
+    with engine.attached():
+        assert torch.equal(model(**inputs), reference)
+
+
+def test_a_source_of_another_shape_is_refused_naming_the_tensor(models):
+    model = sm.build_model("tiny", num_layers=4)
+    engine = make_engine(model, 1)
+    owner, attr, _, t = next(iter(engine.swapped_units[0].tensors()))
+    with pytest.raises(ValueError, match=rf"{type(owner).__name__}\.{attr}.*shape"):
+        engine.park({id(t): torch.zeros(3, 3, 3)})
+
+
+def test_free_ram_for_source_filled_slabs_counts_every_slab(models, monkeypatch):
+    """Parameters that were never filled free nothing when a slab takes over: all slabs need new RAM."""
+    model = sm.build_model("tiny", num_layers=4)
+    engine = make_engine(model, 3)
+    sizes = [bm._layout_size(u) for u in engine.swapped_units]
+    monkeypatch.setattr(bm, "available_ram", lambda: sum(sizes) - 1)
+    engine.park()  # from the tensors themselves: one slab of headroom at a time is enough
+    fresh = make_engine(sm.build_model("tiny", num_layers=4), 3)
+    sources = {id(t): t.detach().clone() for u in fresh.swapped_units for *_, t in u.tensors()}
+    with pytest.raises(bm.HostMemoryError):
+        fresh.park(sources)
