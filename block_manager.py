@@ -190,6 +190,9 @@ class RunStats:
 
     copy_ms: float = 0.0
     stall_ms: float = 0.0
+    compute_ms: float = 0.0  # swapped units' own compute, from their slot being ready to being released
+    copies: int = 0
+    computes: int = 0
     peak_allocated: int | None = None
 
     def copy_gbps(self, bytes_copied: int) -> float | None:
@@ -251,6 +254,8 @@ class CudaStreamTransport:
         # (start, end) event pairs, read once at the end of the run, never mid-run.
         self._copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._compute_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._compute_start: dict[int, torch.cuda.Event] = {}
 
     def start_copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
         stream = self.copy_stream
@@ -273,6 +278,7 @@ class CudaStreamTransport:
             compute.wait_event(self.ready[slot])
             end.record(compute)
             self._stall_events.append((start, end))
+            self._compute_start[slot] = end
         else:
             compute.wait_event(self.ready[slot])
         if self.reader_streams is not None:
@@ -280,7 +286,13 @@ class CudaStreamTransport:
                 stream.wait_event(self.ready[slot])
 
     def mark_free(self, slot: int) -> None:
-        self.free[slot].record(torch.cuda.current_stream(self.device))
+        compute = torch.cuda.current_stream(self.device)
+        started = self._compute_start.pop(slot, None) if self.timing else None
+        if started is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(compute)
+            self._compute_events.append((started, end))
+        self.free[slot].record(compute)
 
     def finish(self) -> None:
         # A prefetch that wrapped around to the next step may still be in flight: the compute stream
@@ -293,6 +305,8 @@ class CudaStreamTransport:
             torch.cuda.synchronize(self.device)
             stats.copy_ms = sum(s.elapsed_time(e) for s, e in self._copy_events)
             stats.stall_ms = sum(s.elapsed_time(e) for s, e in self._stall_events)
+            stats.compute_ms = sum(s.elapsed_time(e) for s, e in self._compute_events)
+            stats.copies, stats.computes = len(self._copy_events), len(self._compute_events)
         stats.peak_allocated = torch.cuda.max_memory_allocated(self.device)
         return stats
 
@@ -431,6 +445,47 @@ def choose_swapped_blocks(
         picked = {n - 1 - (i * n) // blocks_to_swap for i in range(blocks_to_swap)}
         return [name for i, name in enumerate(block_names) if i in picked]
     raise ValueError(f"placement must be 'tail' or 'spread' (got {placement!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+    """What `fewest_swapped_for_budget` chose."""
+
+    count: int  # blocks swapped (the index into the candidates)
+    swap: tuple[str, ...]
+    resident_bytes: int
+    slot_bytes: int
+    fits: bool  # False: even the last candidate does not fit (the host must offload the rest itself)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.resident_bytes + self.slot_bytes
+
+
+def fewest_swapped_for_budget(
+    candidates: Sequence[Sequence[str]],
+    unit_bytes: dict[str, int],
+    total_bytes: int,
+    num_slots: int,
+    budget: float,
+) -> BudgetPlan:
+    """The first candidate swap set whose device footprint fits `budget`.
+
+    candidates[k]: the unit names swapped when k blocks are swapped, k = 0, 1, ... (each a superset of the
+    one before). Footprint: the model's bytes outside the swapped units (`total_bytes` minus theirs) plus
+    `num_slots` slots of the largest swapped unit (fewer when fewer units are swapped).
+    """
+    if not candidates:
+        raise ValueError("fewest_swapped_for_budget needs at least one candidate swap set")
+    plan = None
+    for count, names in enumerate(candidates):
+        sizes = [unit_bytes[n] for n in names]
+        slots = min(num_slots, len(sizes)) * max(sizes, default=0)
+        resident = total_bytes - sum(sizes)
+        plan = BudgetPlan(count, tuple(names), resident, slots, resident + slots <= budget)
+        if plan.fits:
+            return plan
+    return plan
 
 
 class _Run:
@@ -591,6 +646,7 @@ class BlockSwapEngine:
         self.counters = SwapCounters()
         self.last_run: RunStats | None = None
         self._run: _Run | None = None
+        self.time_next_run = False  # CUDA events on the next run's copies and swapped units (as in debug)
         self._pinned_slabs: list[torch.Tensor] = []
         self._described = False
         self._finalizer = weakref.finalize(self, _release_slabs, self._pinned_slabs)
@@ -757,6 +813,42 @@ class BlockSwapEngine:
         self._placement.forget()
         with _PINNED.lock:
             _PINNED.claims.pop(self, None)
+
+    def set_swapped(self, names: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Change which units are swapped (between runs). Returns (joined, left) unit names.
+
+        A unit that joins gets its slab at the next park or attach; a unit that leaves gives up its slab
+        (unpinned; its tensors keep the memory as ordinary RAM until the host places them).
+        """
+        if self.is_attached:
+            raise RuntimeError("set_swapped: detach the engine first (a run is using the slots)")
+        wanted = set(names)
+        unknown = wanted - {u.name for u in self.units}
+        if unknown:
+            raise ValueError(f"set_swapped names unknown unit(s) {sorted(unknown)}")
+        joined, left = [], []
+        for unit in self.units:
+            if (unit.name in wanted) == unit.swapped:
+                continue
+            if unit.name in wanted:
+                _check_movable(unit)
+                unit.swapped = True
+                joined.append(unit.name)
+                continue
+            if unit.slab is not None and unit.slab_pinned:
+                self._pinned_slabs.remove(unit.slab)
+                _unpin(unit.slab)
+            unit.slab, unit.slab_views, unit.layout, unit.nbytes, unit.slab_pinned = None, [], [], 0, False
+            unit.swapped = False
+            left.append(unit.name)
+        self.order = [u for u in self.units if u.swapped]
+        self._depth = max(self.num_slots() - 1, 0)
+        self._claim_pinned_share()
+        return joined, left
+
+    def unit_bytes(self) -> dict[str, int]:
+        """Each unit's slab (and slot) size, swapped or not: what a plan for a byte budget weighs."""
+        return {u.name: _layout_size(u) for u in self.units}
 
     def adopt_slabs(self, other: BlockSwapEngine) -> int:
         """Take over `other`'s slabs for the units both engines swap (same modules, same tensors), instead
@@ -950,8 +1042,9 @@ class BlockSwapEngine:
         if self.transport_factory is not None:
             transport = self.transport_factory(n)
         elif self.compute_device.type == "cuda":
+            timing, self.time_next_run = self.debug or self.time_next_run, False
             transport = CudaStreamTransport(
-                self.compute_device, n, self.use_non_blocking, self.debug, self.reader_streams
+                self.compute_device, n, self.use_non_blocking, timing, self.reader_streams
             )
         else:
             transport = SyncTransport()
@@ -965,7 +1058,7 @@ class BlockSwapEngine:
 
     def _prime(self) -> None:
         """Start copying the first units of the pass, so even the run's first unit need not wait."""
-        if self.prefetch_blocks:
+        if self.prefetch_blocks and self.order:
             for seq in range(self._depth + 1):
                 self._copy(self._run, seq % len(self.order), seq % len(self._run.slots))
 

@@ -26,7 +26,7 @@ from .block_manager import BlockSwapEngine, default_pinned_budget
 from .config import SwapConfig
 from .quant.reader import is_gguf_weight
 from .utils import format_bytes
-from .wan.units import WanSwapSelection, select_wan_units
+from .wan.units import WanSwapSelection, auto_wan_selection, select_wan_units
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,20 @@ class SwapPlan:
             on_slab_built=_SlabProgress(),
             reader_streams=_comfy_offload_streams(load_device),
         )
+        self._refresh_swap_set()
+        # auto_blocks_to_swap: the swap set is chosen at each load from ComfyUI's grant (see `replan`).
+        self.auto = config.auto_blocks_to_swap
+        self._auto_candidates = choice.candidates if self.auto else []
+        self._auto_count: int | None = None  # blocks swapped by the current auto plan (None: none made)
+        self._auto_budget = 0.0  # the grant when the swapped set last changed
+        self._auto_fit = None
+        self._auto_report = False  # log the plan and its measured cost after the next run
+        self._patcher_ref = None  # the patcher whose run is active / last loaded (for LoRA patches)
+        self._functions_set: list[tuple[torch.nn.Module, str]] = []
+        self._logged_plan = False
+
+    def _refresh_swap_set(self) -> None:
+        """What ComfyUI's side needs to know of the swapped units (hidden modules, weight keys, sizes)."""
         swapped = self.engine.swapped_units
         self.swapped_module_ids = {id(m) for unit in swapped for m in unit.module.modules()}
         self.swapped_layers = [m for unit in swapped for m in unit.module.modules()]
@@ -95,9 +109,74 @@ class SwapPlan:
                     self.keyed_tensors[prefix + attr] = (module, attr)
         self.swapped_bytes = self.engine.swapped_bytes()
         self.slot_bytes = self.engine.slot_bytes()
-        self._patcher_ref = None  # the patcher whose run is active / last loaded (for LoRA patches)
-        self._functions_set: list[tuple[torch.nn.Module, str]] = []
-        self._logged_plan = False
+
+    # -- auto_blocks_to_swap -------------------------------------------------------------------
+
+    def replan(self, budget: float, model_bytes: int) -> bool:
+        """Swap the fewest tail blocks (with their share of VACE blocks) whose resident weights and slots
+        fit `budget`, the VRAM ComfyUI grants this model now (`model_bytes`: its whole size). More blocks
+        join at once; blocks leave only when the grant grew by two blocks since the last change, so a
+        grant that wobbles between runs does not move weights back and forth. True if the set changed."""
+        from .block_manager import fewest_swapped_for_budget
+
+        sizes = self.engine.unit_bytes()
+        fit = fewest_swapped_for_budget(
+            self._auto_candidates, sizes, model_bytes, self.config.prefetch_blocks + 1, budget
+        )
+        block = max(sizes[u.name] for u in self.engine.units if u.name.startswith("blocks."))
+        current = self._auto_count
+        grown = budget >= self._auto_budget + 2 * block
+        count = fit.count if current is None or fit.count > current or grown else current
+        if not fit.fits and (self._auto_fit is None or self._auto_fit.fits or count != current):
+            log.warning(
+                "[BlockSwap] auto: ComfyUI grants this model %s of VRAM, but even with all %d blocks swapped "
+                "its other weights (%s) and the slots (%s) need %s: ComfyUI offloads the rest layer by layer. "
+                "Free VRAM (smaller frames or resolution, other models unloaded) or use fewer prefetch_blocks.",
+                format_bytes(budget),
+                len(self.diffusion_model.blocks),
+                format_bytes(fit.resident_bytes),
+                format_bytes(fit.slot_bytes),
+                format_bytes(fit.device_bytes),
+            )
+        self._auto_fit = fit
+        if count == current:
+            return False
+        self.engine.set_swapped(self._auto_candidates[count])
+        self._refresh_swap_set()
+        self._auto_count, self._auto_budget = count, budget
+        self._auto_report = True
+        self.engine.time_next_run = True
+        log.info(
+            "[BlockSwap] auto: %d of %d blocks swapped%s (ComfyUI grants %s; resident %s + slots %s)",
+            count,
+            len(self.diffusion_model.blocks),
+            "" if current is None else f" (was {current})",
+            "the whole model" if budget == float("inf") else format_bytes(budget),
+            format_bytes(model_bytes - self.swapped_bytes),
+            format_bytes(self.slot_bytes),
+        )
+        return True
+
+    def _report_auto_run(self) -> None:
+        """After the first run of an auto plan: the plan and what its copies cost against compute."""
+        self._auto_report = False
+        stats, blocks = self.engine.last_run, len(self.diffusion_model.blocks)
+        budget = self._auto_budget
+        fit = "the whole model" if budget == float("inf") else format_bytes(budget)
+        head = f"[BlockSwap] auto: {self._auto_count} of {blocks} blocks swapped to fit {fit}"
+        if not self.engine.order:
+            log.info("%s; nothing streamed, no hooks", head)
+        elif stats is None or not stats.copies or not stats.computes:
+            log.info("%s; no copy/compute timing (CUDA events only)", head)
+        else:
+            copy, compute = stats.copy_ms / stats.copies, stats.compute_ms / stats.computes
+            passes = max(self.engine.counters.passes, 1)
+            verdict = (
+                "copies hidden"
+                if copy <= compute and self.config.overlaps_copies
+                else f"copies not hidden: compute waited {stats.stall_ms / passes:.1f} ms per pass"
+            )
+            log.info("%s; copy %.1f ms/block vs compute %.1f ms/block -> %s", head, copy, compute, verdict)
 
     # -- ownership of the shared module ------------------------------------------------------
 
@@ -175,10 +254,13 @@ class SwapPlan:
             raise
 
     def end_run(self) -> None:
+        ran = self.engine.is_attached
         try:
             self.engine.detach()
         finally:
             self._remove_lora()
+        if ran and self._auto_report:
+            self._report_auto_run()
 
     # -- LoRA on swapped units -----------------------------------------------------------------
     # ComfyUI fuses LoRA into the weights it loads and applies it per forward (LowVramPatch) to the
@@ -299,7 +381,24 @@ class BlockSwapPatcherMixin:
     def model_size(self):
         size = super().model_size()
         plan = plan_of(self)
-        return size - plan.swapped_bytes + plan.slot_bytes if plan is not None else size
+        if plan is None or plan.auto:
+            return size  # auto: ComfyUI's grant must be computed for the whole model
+        return size - plan.swapped_bytes + plan.slot_bytes
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        """ComfyUI's (re)load of a model it may already hold, with `extra_memory` more than it has now.
+
+        auto_blocks_to_swap: the plan is fitted to the new grant first. When that changes the swapped set,
+        a fresh weight-patch identity makes ComfyUI's own partially_load unload the weights it placed and
+        load them again through `load()`, so blocks that join leave the GPU and the accounting stays true.
+        """
+        plan = plan_of(self)
+        if plan is not None and plan.auto and not plan.engine.is_attached:
+            used = self.model.model_loaded_weight_memory
+            grant = float("inf") if extra_memory >= 1e31 else used + extra_memory
+            if plan.replan(grant, super().model_size()):
+                self.patches_uuid = uuid.uuid4()
+        return super().partially_load(device_to, extra_memory, force_patch_weights=force_patch_weights)
 
     def _load_list(self, *args, **kwargs):
         entries = super()._load_list(*args, **kwargs)
@@ -321,6 +420,9 @@ class BlockSwapPatcherMixin:
                 full_load=full_load,
                 **kwargs,
             )
+        if plan.auto:
+            whole = full_load or lowvram_model_memory == 0
+            plan.replan(float("inf") if whole else lowvram_model_memory, super().model_size())
         plan.prepare_load(self)
         if full_load or lowvram_model_memory == 0:
             budget = 1e32  # "load everything" - of what the load list still holds
@@ -441,13 +543,16 @@ def apply_block_swap(model, config: SwapConfig, shared_plans: dict | None = None
     if plan is None:
         vace = vace_blocks(diffusion_model)
         config = config.fitted_to(len(diffusion_model.blocks), len(vace) if vace is not None else 0)
-        choice = select_wan_units(
-            diffusion_model,
-            config.blocks_to_swap,
-            config.vace_blocks_to_swap,
-            config.offload_txt_emb,
-            config.offload_img_emb,
-        )
+        if config.auto_blocks_to_swap:
+            choice = auto_wan_selection(diffusion_model, config.offload_txt_emb, config.offload_img_emb)
+        else:
+            choice = select_wan_units(
+                diffusion_model,
+                config.blocks_to_swap,
+                config.vace_blocks_to_swap,
+                config.offload_txt_emb,
+                config.offload_img_emb,
+            )
         plan = SwapPlan(diffusion_model, config, choice, model.load_device)
         if shared_plans is not None:
             shared_plans[diffusion_model] = plan
@@ -527,6 +632,16 @@ def _take_turn(executor, *args, **kwargs):
 
 def _log_setup(plan: SwapPlan, config: SwapConfig) -> None:
     engine = plan.engine
+    if plan.auto:
+        log.info(
+            "[BlockSwap] auto_blocks_to_swap: the swapped blocks (of %d) are chosen at each load from the VRAM "
+            "ComfyUI grants; blocks_to_swap=%d and vace_blocks_to_swap=%d are not used; prefetch %d",
+            len(plan.diffusion_model.blocks),
+            config.blocks_to_swap,
+            config.vace_blocks_to_swap,
+            config.prefetch_blocks,
+        )
+        return
     log.info(
         "[BlockSwap] %d of %d blocks swapped (%s in CPU RAM), %d slot(s) of VRAM (%s), prefetch %d",
         config.blocks_to_swap,

@@ -51,6 +51,7 @@ class SwapConfig:
     prefetch_blocks: int = 0
     block_swap_debug: bool = False
     override_dynamic_vram: bool = False
+    auto_blocks_to_swap: bool = False  # at each load: the fewest blocks that fit ComfyUI's VRAM grant
 
     def __post_init__(self):
         check_int("blocks_to_swap", self.blocks_to_swap, 0, MAX_BLOCKS)
@@ -62,6 +63,7 @@ class SwapConfig:
             "use_non_blocking",
             "block_swap_debug",
             "override_dynamic_vram",
+            "auto_blocks_to_swap",
         ):
             check_bool(name, getattr(self, name))
 

@@ -24,7 +24,8 @@ def swap_inputs() -> dict[str, dict]:
                     "step": 1,
                     "tooltip": "Transformer blocks kept in CPU RAM and streamed to the GPU when they run (the last "
                     "N blocks). Each saves one block of VRAM: about 700 MB for 14B in bf16 (350 MB in fp8), 330 "
-                    "MB for 5B, 93 MB for 1.3B. Larger than the model's block count means all blocks (with a warning).",
+                    "MB for 5B, 93 MB for 1.3B. Larger than the model's block count means all blocks (with a warning). "
+                    "Not used when auto_blocks_to_swap is on.",
                 },
             ),
             "offload_txt_emb": (
@@ -89,6 +90,25 @@ def swap_inputs() -> dict[str, dict]:
     }
 
 
+def late_optional_inputs() -> dict[str, tuple]:
+    """The optional inputs every BlockSwap node ends with, in this order (after the seed's inputs)."""
+    return {"override_dynamic_vram": override_dynamic_vram_input(), "auto_blocks_to_swap": auto_input()}
+
+
+def auto_input() -> tuple:
+    return (
+        "BOOLEAN",
+        {
+            "default": False,
+            "tooltip": "Choose the swapped blocks at every load from the VRAM ComfyUI grants this model (free "
+            "VRAM minus what the run needs): the fewest last blocks (and the same share of VACE blocks) whose "
+            "resident weights plus the prefetch slots fit. Nothing is swapped when the whole model fits. "
+            "More blocks are swapped as soon as the grant shrinks; fewer only once it grew by two blocks. "
+            "blocks_to_swap and vace_blocks_to_swap are then not used.",
+        },
+    )
+
+
 def override_dynamic_vram_input() -> tuple:
     return (
         "BOOLEAN",
@@ -120,7 +140,7 @@ class WAN22BlockSwap:
             "model": ("MODEL", {"tooltip": "A WAN 2.1/2.2 model from any loader (safetensors, fp8, GGUF)."}),
             **inputs["required"],
         }
-        inputs["optional"]["override_dynamic_vram"] = override_dynamic_vram_input()
+        inputs["optional"].update(late_optional_inputs())
         return inputs
 
     def apply(self, model, **settings):
@@ -254,7 +274,7 @@ class WAN22BlockSwapLoader:
     def INPUT_TYPES(cls):
         inputs = swap_inputs()
         inputs["required"] = {**WANModelLoader.INPUT_TYPES()["required"], **inputs["required"]}
-        inputs["optional"]["override_dynamic_vram"] = override_dynamic_vram_input()
+        inputs["optional"].update(late_optional_inputs())
         return inputs
 
     def load_model(
@@ -313,7 +333,7 @@ class WAN22BlockSwapLooperModels:
             "model_low": ("MODEL", {"tooltip": "The WAN 2.2 low-noise expert (from any loader)."}),
             **inputs["required"],
         }
-        inputs["optional"]["override_dynamic_vram"] = override_dynamic_vram_input()
+        inputs["optional"].update(late_optional_inputs())
         return inputs
 
     def apply(self, model_high, model_low, **settings):
@@ -346,7 +366,7 @@ class WAN22BlockSwapSequencer:
             ),
             **inputs["required"],
         }
-        inputs["optional"]["override_dynamic_vram"] = override_dynamic_vram_input()
+        inputs["optional"].update(late_optional_inputs())
         return inputs
 
     def apply(self, model_clip_sequence, **settings):

@@ -68,6 +68,8 @@ class WanSwapSelection:
     swap: list[str]
     blocks_to_swap: int
     vace_blocks_to_swap: int
+    # auto_blocks_to_swap: candidates[k] is the swap set with k blocks swapped, k = 0 .. all blocks.
+    candidates: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 def select_wan_units(
@@ -105,3 +107,16 @@ def select_wan_units(
     if offload_img_emb and any(name == "img_emb" for name, _ in units):
         swap.append("img_emb")
     return WanSwapSelection(units, swap, blocks_to_swap, vace_count)
+
+
+def auto_wan_selection(
+    diffusion_model: nn.Module, offload_txt_emb: bool = False, offload_img_emb: bool = False
+) -> WanSwapSelection:
+    """For auto_blocks_to_swap: nothing swapped yet (but the embeddings asked for), and every swap set a
+    byte budget may pick: the last k blocks with the same share of VACE blocks, for k = 0 .. all."""
+    sets = [
+        select_wan_units(diffusion_model, k, 0, offload_txt_emb, offload_img_emb).swap
+        for k in range(len(diffusion_model.blocks) + 1)
+    ]
+    first = select_wan_units(diffusion_model, 0, 0, offload_txt_emb, offload_img_emb)
+    return dataclasses.replace(first, candidates=sets)
