@@ -90,6 +90,7 @@ class SwapPlan:
         self._auto_count: int | None = None  # blocks swapped by the current auto plan (None: none made)
         self._auto_budget = 0.0  # the grant when the swapped set last changed
         self._auto_fit = None
+        self.last_grant: float | None = None  # the VRAM ComfyUI granted at the last load (auto)
         self._auto_report = False  # log the plan and its measured cost after the next run
         self._patcher_ref = None  # the patcher whose run is active / last loaded (for LoRA patches)
         self._functions_set: list[tuple[torch.nn.Module, str]] = []
@@ -138,7 +139,7 @@ class SwapPlan:
                 format_bytes(fit.slot_bytes),
                 format_bytes(fit.device_bytes),
             )
-        self._auto_fit = fit
+        self._auto_fit, self.last_grant = fit, budget
         if count == current:
             return False
         self.engine.set_swapped(self._auto_candidates[count])
@@ -156,6 +157,19 @@ class SwapPlan:
             format_bytes(self.slot_bytes),
         )
         return True
+
+    def plan_from_free_vram(self, patcher) -> None:
+        """Before ComfyUI's first load (the combined loader, at read time): fit the plan to the VRAM free
+        now, less ComfyUI's inference reserve, for the model's whole size. The first load corrects it."""
+        import comfy.model_management as mm
+
+        device = patcher.load_device
+        if mm.is_device_cpu(device):
+            grant = float("inf")  # CPU mode: ComfyUI loads everything
+        else:
+            reserve = mm.minimum_inference_memory() + mm.extra_reserved_memory()
+            grant = max(mm.get_free_memory(device) - reserve, 0.1)
+        self.replan(grant, patcher.model_size())
 
     def _report_auto_run(self) -> None:
         """After the first run of an auto plan: the plan and what its copies cost against compute."""

@@ -647,6 +647,10 @@ def load_swapped_wan_model(
             )
         swapped = apply_block_swap(patcher, config)
         plan = plan_of(swapped)
+        if plan is not None and plan.auto:
+            plan.plan_from_free_vram(
+                swapped
+            )  # the blocks read into slabs now; ComfyUI's first load corrects it
         units = plan.engine.swapped_units if plan is not None else []
         taken = {id(t) for unit in units for *_, t in unit.tensors()} & held_back.pending.keys()
         slab_tensors = [sum(1 for _ in unit.tensors()) for unit in units]
