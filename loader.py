@@ -22,6 +22,7 @@ import os
 import time
 
 import comfy.model_detection
+import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
 import comfy.utils
@@ -661,6 +662,11 @@ def load_swapped_wan_model(
                 held_back.sources(),
                 on_slab_built=lambda done, _total: progress.update(slab_tensors[done - 1]),
             )
+        # The other weights go where ComfyUI puts them: its own load places the (not yet filled) resident
+        # modules on the GPU as far as its grant allows, keeping its accounting; each is then filled from
+        # the file where it is, so no resident weight passes through host RAM on its way to the GPU.
+        if plan is not None:
+            comfy.model_management.load_models_gpu([swapped])
         held_back.complete(taken, on_copy=lambda _dst: progress.update(1))
     except BaseException:
         held_back.pending.clear()
@@ -673,7 +679,7 @@ def load_swapped_wan_model(
     pinned = sum(u.nbytes for u in units if u.slab_pinned)
     log.info(
         "[BlockSwap] WAN BlockSwap Model Loader: %s read in %.2f s: %s to the GPU, %s into host slabs of %d "
-        "swapped units (%s pinned, %s pageable), %s of other weights in RAM until ComfyUI loads them",
+        "swapped units (%s pinned, %s pageable), %s of other weights in RAM",
         name,
         time.perf_counter() - started,
         format_bytes(to_gpu),

@@ -71,7 +71,7 @@ class AnonPeak:
         return False
 
 
-def write_file(path: Path, preset: str) -> dict[str, object]:
+def write_file(path: Path, preset: str, layers: int | None = None) -> dict[str, object]:
     import math
 
     import torch
@@ -81,6 +81,10 @@ def write_file(path: Path, preset: str) -> dict[str, object]:
     from wan22_blockswap.bench import synthetic_model
 
     shape = synthetic_model.PRESETS[preset]
+    if layers:
+        import dataclasses
+
+        shape = dataclasses.replace(shape, num_layers=layers)
     with torch.device("meta"):
         model = synthetic_model.SyntheticWanModel(shape, "t2v")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -149,6 +153,13 @@ def child_load(args) -> dict[str, object]:
     settings = {"blocks_to_swap": args.blocks_to_swap}
     name = Path(args.file).name
     _trim()
+    import torch
+
+    cuda = args.gpu and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        vram_before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     baseline = common.proc_status()
     start = time.perf_counter()
     with AnonPeak() as peak:
@@ -159,7 +170,17 @@ def child_load(args) -> dict[str, object]:
     from wan22_blockswap import callbacks
 
     engine = callbacks.plan_of(model).engine
+    block = max((u.nbytes for u in engine.swapped_units), default=0)
+    gpu = {}
+    if cuda:
+        torch.cuda.synchronize()
+        gpu = {
+            "peak_vram_growth": torch.cuda.max_memory_allocated() - vram_before,
+            "resident_on_gpu": model.model.model_loaded_weight_memory,
+            "largest_swapped_block": block,
+        }
     return {
+        **gpu,
         "path": args.child,
         "seconds": round(seconds, 2),
         "model_bytes": _model_bytes(model),
@@ -239,6 +260,15 @@ def print_report(result: dict[str, object]) -> None:
             f"{r['peak_anon_growth'] / r['model_bytes']:>9.3f}{fmt(a['RssAnon']) + ' / ' + fmt(a['RssFile']):>24}"
         )
     print(f"  target (combined) peak anon growth <= {TARGET_RATIO}x model: {result['target']}")
+    for r in result["loads"]:
+        if "peak_vram_growth" in r:
+            bound = r["resident_on_gpu"] + r["largest_swapped_block"]
+            host = 1.1 * (r["swapped_bytes"] + r["largest_swapped_block"])
+            print(
+                f"  {r['path']:<10} GPU: peak VRAM during load {fmt(r['peak_vram_growth'])} (resident + one block "
+                f"{fmt(bound)}), peak host anon growth {fmt(r['peak_anon_growth'])} (1.1 x (swapped + one block) "
+                f"{fmt(host)})"
+            )
     c = result["cycles"]
     rss = ", ".join(f"{fmt(r['VmRSS'])}/{fmt(r['RssAnon'])}" for r in c["cycles"])
     print(f"\n{len(c['cycles'])} combined load/sample/unload cycles, RSS/anon after each: {rss}")
@@ -253,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--comfyui", default=DEFAULT_COMFYUI, help="ComfyUI checkout (default: %(default)s)")
     parser.add_argument("--preset", default="1.3b", help="synthetic_model preset of the file (default 1.3b)")
+    parser.add_argument("--layers", type=int, help="blocks of the file (default: the preset's)")
     parser.add_argument("--blocks-to-swap", type=int, default=20)
     parser.add_argument("--runs", type=int, default=1, help="fresh-process loads per path (default 1)")
     parser.add_argument("--cycles", type=int, default=5)
@@ -280,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.file = workdir / f"wan_{args.preset}_t2v_bf16.safetensors"
             print(f"writing {args.file} ...", file=sys.stderr)
-            info = write_file(args.file, args.preset)
+            info = write_file(args.file, args.preset, args.layers)
         loads = []
         for run in range(args.runs):
             for path in PATHS:

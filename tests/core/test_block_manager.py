@@ -824,3 +824,45 @@ def test_free_ram_for_source_filled_slabs_counts_every_slab(models, monkeypatch)
     sources = {id(t): t.detach().clone() for u in fresh.swapped_units for *_, t in u.tensors()}
     with pytest.raises(bm.HostMemoryError):
         fresh.park(sources)
+
+
+def test_fewest_swapped_for_budget_counts_resident_bytes_and_slots():
+    sizes = {"a": 10, "b": 10, "c": 30}
+    candidates = [[], ["c"], ["b", "c"], ["a", "b", "c"]]
+    total = 100  # 50 outside the units
+    # two slots, k=0: 100; k=1: 70 + 1 slot (one unit) of 30 = 100; k=2: 60 + 60 = 120; k=3: 50 + 60 = 110
+    assert bm.fewest_swapped_for_budget(candidates, sizes, total, 2, 100).count == 0
+    # one slot, k=0: 100; k=1: 70 + 30 = 100; k=2: 60 + 30 = 90
+    plan = bm.fewest_swapped_for_budget(candidates, sizes, total, 1, 95)
+    assert (plan.count, plan.resident_bytes, plan.slot_bytes, plan.fits) == (2, 60, 30, True)
+    plan = bm.fewest_swapped_for_budget(candidates, sizes, total, 2, 99)
+    assert (plan.count, plan.fits, plan.device_bytes) == (3, False, 110)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        bm.fewest_swapped_for_budget([], sizes, total, 1, 1)
+
+
+def test_set_swapped_moves_units_in_and_out_of_the_swapped_set_with_exact_outputs(models):
+    model = sm.build_model("tiny", num_layers=6)
+    inputs = sm.example_inputs(model)
+    reference = model(**inputs)
+    engine = make_engine(model, 2, prefetch=1)
+    with engine.attached():
+        assert torch.equal(model(**inputs), reference)
+    left_unit = engine.swapped_units[0]
+    joined, left = engine.set_swapped(["blocks.1", "blocks.2", "blocks.5"])
+    assert (joined, left) == (["blocks.1", "blocks.2"], ["blocks.4"])
+    assert left_unit.slab is None and not left_unit.swapped  # its slab given up
+    assert [u.name for u in engine.order] == ["blocks.1", "blocks.2", "blocks.5"]
+    built = engine.counters.slabs_built
+    with engine.attached():
+        assert torch.equal(model(**inputs), reference)
+    assert engine.counters.slabs_built == built + 2  # only the units that joined
+    engine.set_swapped([])
+    with engine.attached():
+        assert engine.num_slots() == 0 and not engine.slot_buffers()
+        assert all(not m._forward_pre_hooks for m in model.modules())  # nothing swapped: no hooks
+        assert torch.equal(model(**inputs), reference)
+    with engine.attached(), pytest.raises(RuntimeError, match="detach"):
+        engine.set_swapped(["blocks.0"])
+    with pytest.raises(ValueError, match="unknown unit"):
+        engine.set_swapped(["blocks.99"])
