@@ -139,7 +139,7 @@ def place(model_dir: Path, *paths: Path, sub: str = "") -> list[str]:
 def test_node_is_registered_with_the_seed_inputs(model_dir):
     assert nodes.NODE_CLASS_MAPPINGS["WANModelLoader"] is nodes.WANModelLoader
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["WANModelLoader"] == "WAN Model Loader"
-    assert nodes.NODE_CLASS_MAPPINGS["WAN22BlockSwap"] is nodes.WAN22BlockSwap  # still there
+    assert nodes.NODE_CLASS_MAPPINGS["wan22BlockSwap"] is nodes.WAN22BlockSwap  # still there
     node = nodes.WANModelLoader
     assert node.CATEGORY == "WAN" and node.RETURN_TYPES == ("MODEL",) and node.DESCRIPTION
     spec = node.INPUT_TYPES()

@@ -14,18 +14,10 @@ live server's node definitions.
 from __future__ import annotations
 
 import copy
-import ctypes
-import importlib.util
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -35,166 +27,27 @@ import torch
 from safetensors.torch import load_file
 
 from .comfy_helpers import load, sample, write_checkpoint
+from .comfy_server import HOST, LOOPER, PACK_DIR, TEST_NODES_DIR, ServerError, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKOUT = Path(os.environ["WAN22_COMFYUI"]).resolve()
-TEST_NODES = Path(__file__).resolve().parent / "server_nodes"
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
-
-LOOPER = Path(os.environ.get("WANVIDEOLOOPER_PATH") or Path.home() / "comfy-hosts" / "WanVideoLooper")
-PACK_DIR = "ComfyUI-Wan22Blockswap"  # the folder name the pack gets in custom_nodes/
-TEST_NODES_DIR = "wan22_test_nodes"
-HOST = "127.0.0.1"
-START_TIMEOUT_S = 120
 PROMPT_TIMEOUT_S = 120
-
-# Only loopback traffic: no proxy from the environment, whatever it says.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class Server:
-    def __init__(self, base: Path, port: int, log_path: Path):
-        self.base = base
-        self.port = port
-        self.log_path = log_path
-        self.url = f"http://{HOST}:{port}"
-        self.proc: subprocess.Popen | None = None
-        self.start_seconds = math.nan
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
-
-    def tail(self, chars: int = 6000) -> str:
-        return f"\n--- ComfyUI server log (tail) ---\n{self.log()[-chars:]}"
-
-    def request(self, path: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, object]:
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with _OPENER.open(req, timeout=timeout) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            body = err.read().decode(errors="replace")
-            try:
-                return err.code, json.loads(body)
-            except ValueError:
-                return err.code, body
-
-    def get(self, path: str) -> object:
-        status, body = self.request(path)
-        assert status == 200, f"GET {path}: HTTP {status}: {body}{self.tail()}"
-        return body
-
-
-def _die_with_parent() -> None:
-    """Runs in the server process before exec (Linux): SIGTERM it if this test process dies first."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _install(base: Path) -> None:
-    custom_nodes = base / "custom_nodes"
-    custom_nodes.mkdir(parents=True)
-    (custom_nodes / PACK_DIR).symlink_to(ROOT, target_is_directory=True)
-    (custom_nodes / TEST_NODES_DIR).symlink_to(TEST_NODES, target_is_directory=True)
-    if (LOOPER / "wan_looper_node.py").is_file():  # for the looper example workflow
-        (custom_nodes / "WanVideoLooper").symlink_to(LOOPER, target_is_directory=True)
-    for folder in ("user", "input", "output", "temp", "models/diffusion_models"):
-        (base / folder).mkdir(parents=True, exist_ok=True)
-    write_checkpoint(base / "models" / "diffusion_models", "t2v")  # tiny_wan_t2v.safetensors
-
-
-def _templates_shim(root: Path) -> Path | None:
-    """A stand-in workflow-templates package for ComfyUI versions that cannot start without its folder.
-
-    ComfyUI 0.3.64 (and others of its time) serves `<comfyui_workflow_templates>/templates` and stops at
-    startup when that folder is missing; the template packages that newer ComfyUI versions need (one
-    venv serves every checkout here) no longer have it. The shim, first on the server's PYTHONPATH, has
-    an empty one.
-    """
-    frontend_management = CHECKOUT / "app" / "frontend_management.py"
-    if not frontend_management.is_file() or '/ "templates"' not in frontend_management.read_text():
-        return None
-    spec = importlib.util.find_spec("comfyui_workflow_templates")
-    if spec is None or spec.origin is None or (Path(spec.origin).parent / "templates").is_dir():
-        return None
-    shim = root / "shim"
-    (shim / "comfyui_workflow_templates" / "templates").mkdir(parents=True)
-    (shim / "comfyui_workflow_templates" / "__init__.py").write_text("")
-    return shim
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy_server")
-    base, frontend = root / "base", root / "frontend"
-    frontend.mkdir()
-    _install(base)
-    srv = Server(base, _free_port(), root / "server.log")
-    cmd = [
-        sys.executable,
-        str(CHECKOUT / "main.py"),
-        "--cpu",
-        "--listen",
-        HOST,
-        "--port",
-        str(srv.port),
-        "--base-directory",
-        str(base),
-        "--front-end-root",
-        str(frontend),  # empty: nothing fetched, no UI needed
-        "--database-url",
-        f"sqlite:///{base / 'user' / 'comfyui.db'}",  # default is inside the checkout
-        "--disable-auto-launch",
-        "--disable-api-nodes",
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("WAN22_COMFYUI", None)
-    shim = _templates_shim(root)
-    if shim is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
-    with open(srv.log_path, "wb") as log:
-        started = time.monotonic()
-        srv.proc = subprocess.Popen(
-            cmd,
-            cwd=root,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
+
+    def models(base):
+        write_checkpoint(base / "models" / "diffusion_models", "t2v")  # tiny_wan_t2v.safetensors
+
     try:
-        deadline = started + START_TIMEOUT_S
-        while True:
-            if srv.proc.poll() is not None:
-                pytest.fail(f"ComfyUI server exited with code {srv.proc.returncode}{srv.tail()}")
-            try:
-                with _OPENER.open(f"{srv.url}/object_info/KSampler", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI server not answering after {START_TIMEOUT_S} s{srv.tail()}")
-            time.sleep(0.25)
-        srv.start_seconds = time.monotonic() - started
-        print(f"\nComfyUI {CHECKOUT.name} server up in {srv.start_seconds:.1f} s on {srv.url}")
-        yield srv
-    finally:
-        srv.proc.terminate()
-        try:
-            srv.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            srv.proc.kill()
-            srv.proc.wait(timeout=20)
+        with running_server(CHECKOUT, root, prepare=models) as srv:
+            print(f"\nComfyUI {CHECKOUT.name} server up in {srv.start_seconds:.1f} s on {srv.url}")
+            yield srv
+    except ServerError as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +98,8 @@ def test_server_listens_on_loopback_only(server):
 
 
 def test_server_lists_blockswap_node(server, object_info):
-    assert "WAN22BlockSwap" in object_info, f"WAN22BlockSwap not listed{server.tail()}"
-    info = object_info["WAN22BlockSwap"]
+    assert "wan22BlockSwap" in object_info, f"wan22BlockSwap not listed{server.tail()}"
+    info = object_info["wan22BlockSwap"]
     assert info["display_name"] == "WAN 2.2 BlockSwap"
     assert info["category"] == "ComfyUI_Wan22Blockswap"
     assert info["python_module"] == f"custom_nodes.{PACK_DIR}"
@@ -272,7 +125,8 @@ def test_server_wanblockswap_id_is_never_ours(server, object_info):
     """ComfyUI 0.8+ ships a built-in no-op `wanBlockSwap` (comfy_extras/nodes_nop.py); our id differs."""
     ours = [k for k, v in object_info.items() if v.get("python_module") == f"custom_nodes.{PACK_DIR}"]
     assert "wanBlockSwap" not in ours
-    assert "WAN22BlockSwap" in ours
+    assert "wan22BlockSwap" in ours
+    assert not object_info["wan22BlockSwap"].get("deprecated")
     nop = CHECKOUT / "comfy_extras" / "nodes_nop.py"
     if nop.is_file() and 'node_id="wanBlockSwap"' in nop.read_text():
         info = object_info["wanBlockSwap"]
@@ -281,6 +135,16 @@ def test_server_wanblockswap_id_is_never_ours(server, object_info):
         assert list(info["input"]["required"]) == ["model"]
     else:
         assert "wanBlockSwap" not in object_info
+
+
+def test_server_lists_old_id_as_deprecated_alias(server, object_info):
+    """`WAN22BlockSwap` (the id earlier versions registered) is listed as deprecated, with the same inputs."""
+    old, new = object_info["WAN22BlockSwap"], object_info["wan22BlockSwap"]
+    assert old["deprecated"] is True
+    assert "deprecated" in old["display_name"].lower()
+    assert old["python_module"] == new["python_module"] == f"custom_nodes.{PACK_DIR}"
+    for key in ("input", "input_order", "output", "output_name", "category"):
+        assert old[key] == new[key], key
 
 
 # --- (b) a prompt through the server --------------------------------------------------------------
@@ -295,7 +159,7 @@ def blockswap_prompt() -> dict:
             "inputs": {"unet_name": "tiny_wan_t2v.safetensors", "weight_dtype": "default"},
         },
         "2": {
-            "class_type": "WAN22BlockSwap",
+            "class_type": "wan22BlockSwap",
             "inputs": {
                 "model": ["1", 0],
                 "blocks_to_swap": 2,
@@ -579,7 +443,7 @@ def _links_of(workflow):
 
 def test_server_t2v_example_shows_loader_blockswap_sampler(object_info):
     workflow = json.loads((ROOT / "example_workflows" / "wan22_blockswap_t2v.json").read_text())
-    (swap,) = _nodes_of(workflow, "WAN22BlockSwap")
+    (swap,) = _nodes_of(workflow, "wan22BlockSwap")
     settings = widget_values(swap, object_info)
     assert settings["blocks_to_swap"] == 20
     assert settings["use_non_blocking"] is True
@@ -609,7 +473,7 @@ def test_server_looper_example_feeds_both_experts_through_looper_models(object_i
 
 
 def _swap_node(wf, info):
-    return _nodes_of(wf, "WAN22BlockSwap")[0]
+    return _nodes_of(wf, "wan22BlockSwap")[0]
 
 
 def _sampler_node(wf, info):
@@ -617,21 +481,21 @@ def _sampler_node(wf, info):
 
 
 def _server_renames_node(wf, info):
-    info["WAN22BlockSwapV2"] = info.pop("WAN22BlockSwap")
+    info["wan22BlockSwapV2"] = info.pop("wan22BlockSwap")
 
 
 def _server_renames_input(wf, info):
-    optional = info["WAN22BlockSwap"]["input"]["optional"]
-    info["WAN22BlockSwap"]["input"]["optional"] = {
+    optional = info["wan22BlockSwap"]["input"]["optional"]
+    info["wan22BlockSwap"]["input"]["optional"] = {
         ("prefetch" if k == "prefetch_blocks" else k): v for k, v in optional.items()
     }
-    order = info["WAN22BlockSwap"]["input_order"]["optional"]
+    order = info["wan22BlockSwap"]["input_order"]["optional"]
     order[order.index("prefetch_blocks")] = "prefetch"
 
 
 def _server_adds_widget(wf, info):
-    info["WAN22BlockSwap"]["input"]["optional"]["new_setting"] = ["BOOLEAN", {"default": False}]
-    info["WAN22BlockSwap"]["input_order"]["optional"].append("new_setting")
+    info["wan22BlockSwap"]["input"]["optional"]["new_setting"] = ["BOOLEAN", {"default": False}]
+    info["wan22BlockSwap"]["input_order"]["optional"].append("new_setting")
 
 
 def _server_renames_socket(wf, info):
@@ -662,9 +526,9 @@ def _dangling_link(wf, info):
 
 
 BREAKAGES = [
-    (_server_renames_node, "(WAN22BlockSwap): no such node"),
+    (_server_renames_node, "(wan22BlockSwap): no such node"),
     (_server_renames_input, "no input named 'prefetch_blocks'"),
-    (_server_adds_widget, "(WAN22BlockSwap): 8 widgets_values, the node has 9"),
+    (_server_adds_widget, "(wan22BlockSwap): 8 widgets_values, the node has 9"),
     (_server_renames_socket, "(KSampler): no input named 'model'"),
     (_drop_control_after_generate, "(KSampler): 6 widgets_values, the node has 7"),
     (_out_of_range, "blocks_to_swap: 1000 is outside [0, 64]"),
