@@ -178,14 +178,15 @@ class WANModelLoader:
                     },
                 ),
                 "safetensors_model": (
-                    loader.list_safetensors_models() or [loader.NO_MODEL],
+                    # NO_MODEL always listed: the combo of the format not in use validates as "none".
+                    [*loader.list_safetensors_models(), loader.NO_MODEL],
                     {
                         "tooltip": "The .safetensors file from models/diffusion_models (or the legacy "
                         "models/unet). Used when model_type is safetensors.",
                     },
                 ),
                 "gguf_model": (
-                    loader.list_gguf_models() or [loader.NO_MODEL],
+                    [*loader.list_gguf_models(), loader.NO_MODEL],
                     {
                         "tooltip": "The .gguf file from models/diffusion_models (or the legacy models/unet). "
                         "Used when model_type is gguf.",

@@ -385,7 +385,13 @@ def a14b_gguf(info: dict) -> dict:
         loader = g.node(
             "WANModelLoader",
             (0, y),
-            {"model_type": "gguf", "gguf_model": gguf, "wan_version": "2.2", "model_variant": "t2v"},
+            {
+                "model_type": "gguf",
+                "safetensors_model": "none",  # the format not in use
+                "gguf_model": gguf,
+                "wan_version": "2.2",
+                "model_variant": "t2v",
+            },
             title=f"Load {role}-noise expert (GGUF)",
         )
         lora = g.node("LoraLoaderModelOnly", (380, y), {"lora_name": lora_name, "strength_model": 1.0})
@@ -458,7 +464,7 @@ def gguf(info: dict) -> dict:
     loader = g.node(
         "WANModelLoader",
         (0, 0),
-        {"model_type": "gguf", "gguf_model": "wan2.1-t2v-14b-Q5_K_M.gguf"},
+        {"model_type": "gguf", "safetensors_model": "none", "gguf_model": "wan2.1-t2v-14b-Q5_K_M.gguf"},
         title="WAN Model Loader (GGUF)",
     )
     swap = g.node("wan22BlockSwap", (0, 300), {"blocks_to_swap": 20, **SWAP_OVERLAP})

@@ -14,9 +14,11 @@ live server's node definitions.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +33,18 @@ from .comfy_server import HOST, LOOPER, PACK_DIR, TEST_NODES_DIR, ServerError, r
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKOUT = Path(os.environ["WAN22_COMFYUI"]).resolve()
+
+
+def _generator():
+    path = ROOT / "scripts" / "make_example_workflows.py"
+    spec = importlib.util.spec_from_file_location("_wan22_examples", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+GEN = _generator()
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 PROMPT_TIMEOUT_S = 120
 
@@ -267,7 +281,15 @@ def test_server_log_is_clean(server, executed):
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # virtual nodes of the UI, never sent to the server
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-MODEL_FILE_WIDGETS = {"unet_name", "clip_name", "vae_name", "image"}  # this server has other files than users
+MODEL_FILE_WIDGETS = {
+    "unet_name",
+    "clip_name",
+    "vae_name",
+    "image",
+    "lora_name",
+    "safetensors_model",
+    "gguf_model",
+}  # this server has other files than users
 
 
 def _spec(info: dict, name: str) -> tuple[object, dict]:
@@ -278,17 +300,22 @@ def _spec(info: dict, name: str) -> tuple[object, dict]:
     raise KeyError(name)
 
 
-def widget_slots(info: dict) -> list[tuple[str, bool]]:
-    """The node's widgets_values layout in the UI: (input name, is its control_after_generate)."""
+def widget_slots(info: dict, kind: str | None = None) -> list[tuple[str, str]]:
+    """The node's widgets_values layout in the UI (as ComfyUI 0.33's frontend saves it, see host_browser.py):
+    (input name, slot) with slot "value", "control" (control_after_generate, also after any INT named seed
+    or noise_seed), "upload" (after an image_upload combo) or "extra" (widgets a pack's own script adds)."""
     slots = []
     for section in ("required", "optional"):
         for name in info.get("input_order", {}).get(section, list(info["input"].get(section, {}))):
             type_, options = _spec(info, name)
             if options.get("forceInput") or not (isinstance(type_, list) or type_ in WIDGET_TYPES):
                 continue
-            slots.append((name, False))
-            if options.get("control_after_generate"):
-                slots.append((name, True))
+            slots.append((name, "value"))
+            if options.get("control_after_generate") or (type_ == "INT" and name in ("seed", "noise_seed")):
+                slots.append((name, "control"))
+            if options.get("image_upload"):
+                slots.append((name, "upload"))
+    slots += [(f"extra {i}", "extra") for i in range(len(GEN.FRONTEND_EXTRA_VALUES.get(kind, [])))]
     return slots
 
 
@@ -296,8 +323,9 @@ def _value_problem(name: str, type_: object, options: dict, value: object) -> st
     if isinstance(type_, list) or type_ == "COMBO":
         choices = type_ if isinstance(type_, list) else options.get("options", [])
         if name in MODEL_FILE_WIDGETS:
-            ok = isinstance(value, str) and value.endswith(
-                (".safetensors", ".gguf", ".pt", ".pth", ".png", ".jpg")
+            ok = value in choices or (
+                isinstance(value, str)
+                and value.endswith((".safetensors", ".gguf", ".pt", ".pth", ".png", ".jpg"))
             )
         else:
             ok = value in choices
@@ -365,8 +393,8 @@ def workflow_problems(workflow: dict, object_info: dict) -> list[str]:
             for link_id in slot.get("links") or []:
                 if link_id not in links or links[link_id][1] != node["id"]:
                     problems.append(f"{where}: output {slot['name']} lists unknown link {link_id}")
-        slots = widget_slots(info)
-        names = [name for name, is_control in slots if not is_control]
+        slots = widget_slots(info, kind)
+        names = [name for name, slot in slots if slot == "value"]
         for slot in node.get("inputs", []):
             name = slot["name"]
             try:
@@ -391,23 +419,27 @@ def workflow_problems(workflow: dict, object_info: dict) -> list[str]:
         if len(values) != len(slots):
             problems.append(f"{where}: {len(values)} widgets_values, the node has {len(slots)} ({slots})")
             continue
-        for (name, is_control), value in zip(slots, values, strict=True):
-            if is_control:
+        extras = iter(GEN.FRONTEND_EXTRA_VALUES.get(kind, []))
+        for (name, slot), value in zip(slots, values, strict=True):
+            if slot == "control":
                 problem = (
                     None if value in CONTROL_VALUES else f"{value!r} is not one of {sorted(CONTROL_VALUES)}"
                 )
+            elif slot == "upload":
+                problem = None if value == "image" else f"{value!r} is not the upload widget's 'image'"
+            elif slot == "extra":
+                expected = next(extras)
+                problem = None if value == expected else f"{value!r} is not {expected!r}"
             else:
                 problem = _value_problem(name, *_spec(info, name), value)
             if problem:
-                problems.append(f"{where}: widget {name}{' control' if is_control else ''}: {problem}")
+                problems.append(f"{where}: widget {name}{'' if slot == 'value' else ' ' + slot}: {problem}")
     return problems
 
 
 def widget_values(node: dict, object_info: dict) -> dict[str, object]:
-    slots = widget_slots(object_info[node["type"]])
-    return {
-        name: v for (name, is_control), v in zip(slots, node["widgets_values"], strict=True) if not is_control
-    }
+    slots = widget_slots(object_info[node["type"]], node["type"])
+    return {name: v for (name, slot), v in zip(slots, node["widgets_values"], strict=True) if slot == "value"}
 
 
 def _nodes_of(workflow: dict, kind: str) -> list[dict]:
@@ -415,7 +447,37 @@ def _nodes_of(workflow: dict, kind: str) -> list[dict]:
 
 
 def test_server_example_workflows_exist():
-    assert [p.name for p in WORKFLOWS] == ["wan22_blockswap_t2v.json", "wan22_looper_high_low.json"]
+    assert [p.name for p in WORKFLOWS] == sorted(GEN.EXAMPLES)
+
+
+def test_server_example_workflows_are_the_generated_ones(object_info):
+    """The committed files equal what scripts/make_example_workflows.py builds from this server's node
+    definitions: every widget value sits in the slot of the input it names, whatever the input order."""
+    if CHECKOUT.resolve() != GEN.DEFAULT_CHECKOUT.resolve():
+        pytest.skip(
+            f"the examples are generated against {GEN.DEFAULT_CHECKOUT.name}; this is {CHECKOUT.name}"
+        )
+    built = GEN.build_workflows(object_info)
+    assert sorted(built) == [p.name for p in WORKFLOWS]
+    for path in WORKFLOWS:
+        assert path.read_text() == GEN.dumps(built[path.name]), f"{path.name}: re-run the script"
+
+
+def test_server_example_widget_values_land_in_their_inputs(object_info):
+    """Per node, the values read back by input name are the ones the generator was given by name."""
+    for path in WORKFLOWS:
+        workflow = json.loads(path.read_text())
+        for node in workflow["nodes"]:
+            if node["type"] in FRONTEND_ONLY or node["type"] not in object_info:
+                continue
+            by_name = widget_values(node, object_info)
+            spec_names = [n for n, slot in widget_slots(object_info[node["type"]]) if slot == "value"]
+            assert list(by_name) == spec_names, (path.name, node["type"])
+    t2v = json.loads((ROOT / "example_workflows" / "wan22_blockswap_i2v.json").read_text())
+    (unet,) = _nodes_of(t2v, "UNETLoader")
+    assert widget_values(unet, object_info)["weight_dtype"] == "fp8_e4m3fn"
+    (image,) = _nodes_of(t2v, "LoadImage")
+    assert widget_values(image, object_info) == {"image": "start_frame.png"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
@@ -445,12 +507,13 @@ def test_server_t2v_example_shows_loader_blockswap_sampler(object_info):
     workflow = json.loads((ROOT / "example_workflows" / "wan22_blockswap_t2v.json").read_text())
     (swap,) = _nodes_of(workflow, "wan22BlockSwap")
     settings = widget_values(swap, object_info)
-    assert settings["blocks_to_swap"] == 20
+    assert settings["blocks_to_swap"] == 25
     assert settings["use_non_blocking"] is True
     assert settings["prefetch_blocks"] == 1
     source = _links_of(workflow)
     (sampler,) = _nodes_of(workflow, "KSampler")
-    assert source(sampler, "model")[0] is swap
+    shift = source(sampler, "model")[0]
+    assert shift["type"] == "ModelSamplingSD3" and source(shift, "model")[0] is swap
     assert source(swap, "model")[0]["type"] == "UNETLoader"
     latent = source(sampler, "latent_image")[0]
     assert latent["type"] == "EmptyHunyuanLatentVideo"
@@ -541,9 +604,65 @@ BREAKAGES = [
 @pytest.mark.parametrize("break_it, expected", BREAKAGES, ids=[f.__name__.strip("_") for f, _ in BREAKAGES])
 def test_server_example_workflow_check_catches(break_it, expected, object_info):
     """The workflow check fails when a node, an input or a value no longer matches the server."""
-    workflow = json.loads(WORKFLOWS[0].read_text())
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_blockswap_t2v.json").read_text())
     assert workflow_problems(workflow, object_info) == []
     broken, info = copy.deepcopy(workflow), copy.deepcopy(object_info)
     break_it(broken, info)
     problems = workflow_problems(broken, info)
     assert any(expected in p for p in problems), problems
+
+
+def test_server_a14b_example_runs_each_expert_through_lora_shift_and_blockswap(object_info):
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_a14b_t2v_gguf_lightx2v.json").read_text())
+    source = _links_of(workflow)
+    samplers = sorted(_nodes_of(workflow, "KSamplerAdvanced"), key=lambda n: n["pos"][1])
+    ranges = []
+    for sampler, role in zip(samplers, ("High", "Low"), strict=True):
+        values = widget_values(sampler, object_info)
+        ranges.append((values["start_at_step"], values["end_at_step"], values["steps"], values["cfg"]))
+        swap = source(sampler, "model")[0]
+        assert swap["type"] == "wan22BlockSwap"
+        shift = source(swap, "model")[0]
+        assert shift["type"] == "ModelSamplingSD3" and widget_values(shift, object_info)["shift"] == 5.0
+        lora = source(shift, "model")[0]
+        assert lora["type"] == "LoraLoaderModelOnly"
+        assert "lightx2v_4steps" in widget_values(lora, object_info)["lora_name"]
+        loader = source(lora, "model")[0]
+        settings = widget_values(loader, object_info)
+        assert loader["type"] == "WANModelLoader" and settings["model_type"] == "gguf"
+        assert settings["gguf_model"] == f"Wan2.2-T2V-A14B-{role}Noise-Q5_K_M.gguf"
+    assert ranges == [(0, 4, 8, 1.0), (4, 8, 8, 1.0)]
+    assert source(samplers[1], "latent_image")[0] is samplers[0]
+
+
+def test_server_sequencer_example_swaps_the_sequence_into_the_looper(object_info):
+    if "WanVideoLooper" not in object_info:
+        pytest.skip(f"needs the WanVideoLooper pack (not found at {LOOPER}; set WANVIDEOLOOPER_PATH)")
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_looper_sequencer.json").read_text())
+    source = _links_of(workflow)
+    (looper,) = _nodes_of(workflow, "WanVideoLooper")
+    swap_seq = source(looper, "model_clip_sequence")[0]
+    assert swap_seq["type"] == "wan22BlockSwapSequencer"
+    assert source(swap_seq, "model_clip_sequence")[0]["type"] == "WanVideoLoraSequencer"
+    assert source(looper, "model_high")[0]["type"] == "wan22BlockSwapLooperModels"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_server_example_note_names_its_file_and_model_files(path, object_info):
+    workflow = json.loads(path.read_text())
+    (note,) = _nodes_of(workflow, "Note")
+    text = note["widgets_values"][0]
+    assert path.name in text and "12 GB" in text
+    for node in workflow["nodes"]:
+        if node["type"] not in object_info:
+            continue
+        for name, value in widget_values(node, object_info).items():
+            if (
+                name in MODEL_FILE_WIDGETS | {"gguf_model", "safetensors_model", "lora_name"}
+                and value != "none"
+            ):
+                if node["type"] == "WANModelLoader" and not name.startswith(
+                    widget_values(node, object_info)["model_type"]
+                ):
+                    continue
+                assert value in text, f"{path.name}: {value} not named in the Note"
