@@ -194,6 +194,13 @@ class Graph:
             for out in node["outputs"]:
                 if not out["links"]:
                     out["links"] = None if out["name"] == "MASK" else []
+        for node in self.nodes:
+            # A save node's unlinked outputs are left out: ComfyUI 0.33's SaveAnimatedWEBP lists an output
+            # that older versions do not have; the frontend adds it from the definition when it loads.
+            if self.info.get(node["type"], {}).get("output_node") and not any(
+                o["links"] for o in node["outputs"]
+            ):
+                node["outputs"] = []
         return {
             "id": uid,
             "revision": 0,
