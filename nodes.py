@@ -147,8 +147,28 @@ class WAN22BlockSwap:
         return (apply_block_swap(model, SwapConfig(**settings)),)
 
 
-NODE_CLASS_MAPPINGS = {"WAN22BlockSwap": WAN22BlockSwap}
-NODE_DISPLAY_NAME_MAPPINGS = {"WAN22BlockSwap": "WAN 2.2 BlockSwap"}
+class WAN22BlockSwapDeprecatedId(WAN22BlockSwap):
+    """The same node under the id `WAN22BlockSwap`, which earlier versions of this pack registered.
+
+    Kept so that workflows saved with that id still load and run; ComfyUI lists it as deprecated
+    (`DEPRECATED`, read by server.py's node info), and the frontend hides it from search.
+    """
+
+    DESCRIPTION = "Deprecated id of WAN 2.2 BlockSwap (wan22BlockSwap), kept for old workflows. " + (
+        WAN22BlockSwap.DESCRIPTION
+    )
+    DEPRECATED = True
+
+
+# The seed's id. Never `wanBlockSwap`: ComfyUI 0.8+ reserves that id for a built-in no-op node.
+NODE_CLASS_MAPPINGS = {
+    "wan22BlockSwap": WAN22BlockSwap,
+    "WAN22BlockSwap": WAN22BlockSwapDeprecatedId,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "wan22BlockSwap": "WAN 2.2 BlockSwap",
+    "WAN22BlockSwap": "WAN 2.2 BlockSwap (deprecated id WAN22BlockSwap)",
+}
 
 
 class WANModelLoader:
@@ -178,14 +198,15 @@ class WANModelLoader:
                     },
                 ),
                 "safetensors_model": (
-                    loader.list_safetensors_models() or [loader.NO_MODEL],
+                    # NO_MODEL always listed: the combo of the format not in use validates as "none".
+                    [*loader.list_safetensors_models(), loader.NO_MODEL],
                     {
                         "tooltip": "The .safetensors file from models/diffusion_models (or the legacy "
                         "models/unet). Used when model_type is safetensors.",
                     },
                 ),
                 "gguf_model": (
-                    loader.list_gguf_models() or [loader.NO_MODEL],
+                    [*loader.list_gguf_models(), loader.NO_MODEL],
                     {
                         "tooltip": "The .gguf file from models/diffusion_models (or the legacy models/unet). "
                         "Used when model_type is gguf.",

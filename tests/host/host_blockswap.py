@@ -30,7 +30,9 @@ def checkpoints(tmp_path_factory):
 
 def test_node_is_registered_under_its_own_id():
     assert "wanBlockSwap" not in nodes.NODE_CLASS_MAPPINGS
-    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["WAN22BlockSwap"] == "WAN 2.2 BlockSwap"
+    assert nodes.NODE_CLASS_MAPPINGS["wan22BlockSwap"] is nodes.WAN22BlockSwap
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["wan22BlockSwap"] == "WAN 2.2 BlockSwap"
+    assert not getattr(nodes.WAN22BlockSwap, "DEPRECATED", False)
     assert set(nodes.NODE_DISPLAY_NAME_MAPPINGS) == set(nodes.NODE_CLASS_MAPPINGS)
     spec = nodes.WAN22BlockSwap.INPUT_TYPES()
     assert list(spec["required"]) == ["model", "blocks_to_swap", "offload_txt_emb", "offload_img_emb"]
@@ -58,6 +60,25 @@ def test_node_is_registered_under_its_own_id():
     }
     assert all(v[1].get("tooltip") for part in spec.values() for v in part.values())
     assert nodes.WAN22BlockSwap.CATEGORY == "ComfyUI_Wan22Blockswap"
+
+
+def test_old_id_is_a_deprecated_alias_with_the_same_behaviour(checkpoints):
+    """Workflows saved with the earlier id `WAN22BlockSwap` still load and sample the same."""
+    old = nodes.NODE_CLASS_MAPPINGS["WAN22BlockSwap"]
+    assert old is not nodes.WAN22BlockSwap and issubclass(old, nodes.WAN22BlockSwap)
+    assert old.DEPRECATED is True
+    assert "deprecated" in nodes.NODE_DISPLAY_NAME_MAPPINGS["WAN22BlockSwap"].lower()
+    assert old.INPUT_TYPES() == nodes.WAN22BlockSwap.INPUT_TYPES()
+    assert (old.CATEGORY, old.RETURN_TYPES, old.RETURN_NAMES, old.FUNCTION) == (
+        nodes.WAN22BlockSwap.CATEGORY,
+        nodes.WAN22BlockSwap.RETURN_TYPES,
+        nodes.WAN22BlockSwap.RETURN_NAMES,
+        nodes.WAN22BlockSwap.FUNCTION,
+    )
+    model = load(checkpoints["t2v"])
+    (via_old,) = old().apply(model, blocks_to_swap=2, prefetch_blocks=1)
+    (via_new,) = nodes.WAN22BlockSwap().apply(model, blocks_to_swap=2, prefetch_blocks=1)
+    torch.testing.assert_close(sample(via_old), sample(via_new), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

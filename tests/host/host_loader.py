@@ -139,7 +139,7 @@ def place(model_dir: Path, *paths: Path, sub: str = "") -> list[str]:
 def test_node_is_registered_with_the_seed_inputs(model_dir):
     assert nodes.NODE_CLASS_MAPPINGS["WANModelLoader"] is nodes.WANModelLoader
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["WANModelLoader"] == "WAN Model Loader"
-    assert nodes.NODE_CLASS_MAPPINGS["WAN22BlockSwap"] is nodes.WAN22BlockSwap  # still there
+    assert nodes.NODE_CLASS_MAPPINGS["wan22BlockSwap"] is nodes.WAN22BlockSwap  # still there
     node = nodes.WANModelLoader
     assert node.CATEGORY == "WAN" and node.RETURN_TYPES == ("MODEL",) and node.DESCRIPTION
     spec = node.INPUT_TYPES()
@@ -165,8 +165,13 @@ def test_node_lists_files_of_each_kind_and_leaves_other_folders_alone(model_dir,
     (model_dir / "notes.txt").write_text("not a model")
     (model_dir / "old.ckpt").write_bytes(b"pickle")
     spec = nodes.WANModelLoader.INPUT_TYPES()["required"]
-    assert spec["safetensors_model"][0] == st
-    assert spec["gguf_model"][0] == gg == [os.path.join("quant", "tiny_wan_t2v.gguf")]
+    # NO_MODEL stays listed last, so a saved workflow's unused combo ("none") validates with files present.
+    assert spec["safetensors_model"][0] == [*st, loader.NO_MODEL]
+    assert (
+        spec["gguf_model"][0]
+        == [*gg, loader.NO_MODEL]
+        == [os.path.join("quant", "tiny_wan_t2v.gguf"), "none"]
+    )
     # ComfyUI's own extension sets are untouched: .gguf lives in a folder key of our own.
     after = {k: (id(v[1]), sorted(v[1])) for k, v in table.items() if k != loader.GGUF_FOLDER}
     assert after == before

@@ -14,18 +14,12 @@ live server's node definitions.
 from __future__ import annotations
 
 import copy
-import ctypes
 import importlib.util
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -35,166 +29,39 @@ import torch
 from safetensors.torch import load_file
 
 from .comfy_helpers import load, sample, write_checkpoint
+from .comfy_server import HOST, LOOPER, PACK_DIR, TEST_NODES_DIR, ServerError, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKOUT = Path(os.environ["WAN22_COMFYUI"]).resolve()
-TEST_NODES = Path(__file__).resolve().parent / "server_nodes"
+
+
+def _generator():
+    path = ROOT / "scripts" / "make_example_workflows.py"
+    spec = importlib.util.spec_from_file_location("_wan22_examples", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+GEN = _generator()
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
-
-LOOPER = Path(os.environ.get("WANVIDEOLOOPER_PATH") or Path.home() / "comfy-hosts" / "WanVideoLooper")
-PACK_DIR = "ComfyUI-Wan22Blockswap"  # the folder name the pack gets in custom_nodes/
-TEST_NODES_DIR = "wan22_test_nodes"
-HOST = "127.0.0.1"
-START_TIMEOUT_S = 120
 PROMPT_TIMEOUT_S = 120
-
-# Only loopback traffic: no proxy from the environment, whatever it says.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class Server:
-    def __init__(self, base: Path, port: int, log_path: Path):
-        self.base = base
-        self.port = port
-        self.log_path = log_path
-        self.url = f"http://{HOST}:{port}"
-        self.proc: subprocess.Popen | None = None
-        self.start_seconds = math.nan
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
-
-    def tail(self, chars: int = 6000) -> str:
-        return f"\n--- ComfyUI server log (tail) ---\n{self.log()[-chars:]}"
-
-    def request(self, path: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, object]:
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with _OPENER.open(req, timeout=timeout) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            body = err.read().decode(errors="replace")
-            try:
-                return err.code, json.loads(body)
-            except ValueError:
-                return err.code, body
-
-    def get(self, path: str) -> object:
-        status, body = self.request(path)
-        assert status == 200, f"GET {path}: HTTP {status}: {body}{self.tail()}"
-        return body
-
-
-def _die_with_parent() -> None:
-    """Runs in the server process before exec (Linux): SIGTERM it if this test process dies first."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _install(base: Path) -> None:
-    custom_nodes = base / "custom_nodes"
-    custom_nodes.mkdir(parents=True)
-    (custom_nodes / PACK_DIR).symlink_to(ROOT, target_is_directory=True)
-    (custom_nodes / TEST_NODES_DIR).symlink_to(TEST_NODES, target_is_directory=True)
-    if (LOOPER / "wan_looper_node.py").is_file():  # for the looper example workflow
-        (custom_nodes / "WanVideoLooper").symlink_to(LOOPER, target_is_directory=True)
-    for folder in ("user", "input", "output", "temp", "models/diffusion_models"):
-        (base / folder).mkdir(parents=True, exist_ok=True)
-    write_checkpoint(base / "models" / "diffusion_models", "t2v")  # tiny_wan_t2v.safetensors
-
-
-def _templates_shim(root: Path) -> Path | None:
-    """A stand-in workflow-templates package for ComfyUI versions that cannot start without its folder.
-
-    ComfyUI 0.3.64 (and others of its time) serves `<comfyui_workflow_templates>/templates` and stops at
-    startup when that folder is missing; the template packages that newer ComfyUI versions need (one
-    venv serves every checkout here) no longer have it. The shim, first on the server's PYTHONPATH, has
-    an empty one.
-    """
-    frontend_management = CHECKOUT / "app" / "frontend_management.py"
-    if not frontend_management.is_file() or '/ "templates"' not in frontend_management.read_text():
-        return None
-    spec = importlib.util.find_spec("comfyui_workflow_templates")
-    if spec is None or spec.origin is None or (Path(spec.origin).parent / "templates").is_dir():
-        return None
-    shim = root / "shim"
-    (shim / "comfyui_workflow_templates" / "templates").mkdir(parents=True)
-    (shim / "comfyui_workflow_templates" / "__init__.py").write_text("")
-    return shim
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy_server")
-    base, frontend = root / "base", root / "frontend"
-    frontend.mkdir()
-    _install(base)
-    srv = Server(base, _free_port(), root / "server.log")
-    cmd = [
-        sys.executable,
-        str(CHECKOUT / "main.py"),
-        "--cpu",
-        "--listen",
-        HOST,
-        "--port",
-        str(srv.port),
-        "--base-directory",
-        str(base),
-        "--front-end-root",
-        str(frontend),  # empty: nothing fetched, no UI needed
-        "--database-url",
-        f"sqlite:///{base / 'user' / 'comfyui.db'}",  # default is inside the checkout
-        "--disable-auto-launch",
-        "--disable-api-nodes",
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("WAN22_COMFYUI", None)
-    shim = _templates_shim(root)
-    if shim is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
-    with open(srv.log_path, "wb") as log:
-        started = time.monotonic()
-        srv.proc = subprocess.Popen(
-            cmd,
-            cwd=root,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
+
+    def models(base):
+        write_checkpoint(base / "models" / "diffusion_models", "t2v")  # tiny_wan_t2v.safetensors
+
     try:
-        deadline = started + START_TIMEOUT_S
-        while True:
-            if srv.proc.poll() is not None:
-                pytest.fail(f"ComfyUI server exited with code {srv.proc.returncode}{srv.tail()}")
-            try:
-                with _OPENER.open(f"{srv.url}/object_info/KSampler", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI server not answering after {START_TIMEOUT_S} s{srv.tail()}")
-            time.sleep(0.25)
-        srv.start_seconds = time.monotonic() - started
-        print(f"\nComfyUI {CHECKOUT.name} server up in {srv.start_seconds:.1f} s on {srv.url}")
-        yield srv
-    finally:
-        srv.proc.terminate()
-        try:
-            srv.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            srv.proc.kill()
-            srv.proc.wait(timeout=20)
+        with running_server(CHECKOUT, root, prepare=models) as srv:
+            print(f"\nComfyUI {CHECKOUT.name} server up in {srv.start_seconds:.1f} s on {srv.url}")
+            yield srv
+    except ServerError as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +112,8 @@ def test_server_listens_on_loopback_only(server):
 
 
 def test_server_lists_blockswap_node(server, object_info):
-    assert "WAN22BlockSwap" in object_info, f"WAN22BlockSwap not listed{server.tail()}"
-    info = object_info["WAN22BlockSwap"]
+    assert "wan22BlockSwap" in object_info, f"wan22BlockSwap not listed{server.tail()}"
+    info = object_info["wan22BlockSwap"]
     assert info["display_name"] == "WAN 2.2 BlockSwap"
     assert info["category"] == "ComfyUI_Wan22Blockswap"
     assert info["python_module"] == f"custom_nodes.{PACK_DIR}"
@@ -272,7 +139,8 @@ def test_server_wanblockswap_id_is_never_ours(server, object_info):
     """ComfyUI 0.8+ ships a built-in no-op `wanBlockSwap` (comfy_extras/nodes_nop.py); our id differs."""
     ours = [k for k, v in object_info.items() if v.get("python_module") == f"custom_nodes.{PACK_DIR}"]
     assert "wanBlockSwap" not in ours
-    assert "WAN22BlockSwap" in ours
+    assert "wan22BlockSwap" in ours
+    assert not object_info["wan22BlockSwap"].get("deprecated")
     nop = CHECKOUT / "comfy_extras" / "nodes_nop.py"
     if nop.is_file() and 'node_id="wanBlockSwap"' in nop.read_text():
         info = object_info["wanBlockSwap"]
@@ -281,6 +149,16 @@ def test_server_wanblockswap_id_is_never_ours(server, object_info):
         assert list(info["input"]["required"]) == ["model"]
     else:
         assert "wanBlockSwap" not in object_info
+
+
+def test_server_lists_old_id_as_deprecated_alias(server, object_info):
+    """`WAN22BlockSwap` (the id earlier versions registered) is listed as deprecated, with the same inputs."""
+    old, new = object_info["WAN22BlockSwap"], object_info["wan22BlockSwap"]
+    assert old["deprecated"] is True
+    assert "deprecated" in old["display_name"].lower()
+    assert old["python_module"] == new["python_module"] == f"custom_nodes.{PACK_DIR}"
+    for key in ("input", "input_order", "output", "output_name", "category"):
+        assert old[key] == new[key], key
 
 
 # --- (b) a prompt through the server --------------------------------------------------------------
@@ -295,7 +173,7 @@ def blockswap_prompt() -> dict:
             "inputs": {"unet_name": "tiny_wan_t2v.safetensors", "weight_dtype": "default"},
         },
         "2": {
-            "class_type": "WAN22BlockSwap",
+            "class_type": "wan22BlockSwap",
             "inputs": {
                 "model": ["1", 0],
                 "blocks_to_swap": 2,
@@ -403,7 +281,15 @@ def test_server_log_is_clean(server, executed):
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # virtual nodes of the UI, never sent to the server
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-MODEL_FILE_WIDGETS = {"unet_name", "clip_name", "vae_name", "image"}  # this server has other files than users
+MODEL_FILE_WIDGETS = {
+    "unet_name",
+    "clip_name",
+    "vae_name",
+    "image",
+    "lora_name",
+    "safetensors_model",
+    "gguf_model",
+}  # this server has other files than users
 
 
 def _spec(info: dict, name: str) -> tuple[object, dict]:
@@ -414,17 +300,22 @@ def _spec(info: dict, name: str) -> tuple[object, dict]:
     raise KeyError(name)
 
 
-def widget_slots(info: dict) -> list[tuple[str, bool]]:
-    """The node's widgets_values layout in the UI: (input name, is its control_after_generate)."""
+def widget_slots(info: dict, kind: str | None = None) -> list[tuple[str, str]]:
+    """The node's widgets_values layout in the UI (as ComfyUI 0.33's frontend saves it, see host_browser.py):
+    (input name, slot) with slot "value", "control" (control_after_generate, also after any INT named seed
+    or noise_seed), "upload" (after an image_upload combo) or "extra" (widgets a pack's own script adds)."""
     slots = []
     for section in ("required", "optional"):
         for name in info.get("input_order", {}).get(section, list(info["input"].get(section, {}))):
             type_, options = _spec(info, name)
             if options.get("forceInput") or not (isinstance(type_, list) or type_ in WIDGET_TYPES):
                 continue
-            slots.append((name, False))
-            if options.get("control_after_generate"):
-                slots.append((name, True))
+            slots.append((name, "value"))
+            if options.get("control_after_generate") or (type_ == "INT" and name in ("seed", "noise_seed")):
+                slots.append((name, "control"))
+            if options.get("image_upload"):
+                slots.append((name, "upload"))
+    slots += [(f"extra {i}", "extra") for i in range(len(GEN.FRONTEND_EXTRA_VALUES.get(kind, [])))]
     return slots
 
 
@@ -432,8 +323,9 @@ def _value_problem(name: str, type_: object, options: dict, value: object) -> st
     if isinstance(type_, list) or type_ == "COMBO":
         choices = type_ if isinstance(type_, list) else options.get("options", [])
         if name in MODEL_FILE_WIDGETS:
-            ok = isinstance(value, str) and value.endswith(
-                (".safetensors", ".gguf", ".pt", ".pth", ".png", ".jpg")
+            ok = value in choices or (
+                isinstance(value, str)
+                and value.endswith((".safetensors", ".gguf", ".pt", ".pth", ".png", ".jpg"))
             )
         else:
             ok = value in choices
@@ -501,8 +393,8 @@ def workflow_problems(workflow: dict, object_info: dict) -> list[str]:
             for link_id in slot.get("links") or []:
                 if link_id not in links or links[link_id][1] != node["id"]:
                     problems.append(f"{where}: output {slot['name']} lists unknown link {link_id}")
-        slots = widget_slots(info)
-        names = [name for name, is_control in slots if not is_control]
+        slots = widget_slots(info, kind)
+        names = [name for name, slot in slots if slot == "value"]
         for slot in node.get("inputs", []):
             name = slot["name"]
             try:
@@ -527,23 +419,27 @@ def workflow_problems(workflow: dict, object_info: dict) -> list[str]:
         if len(values) != len(slots):
             problems.append(f"{where}: {len(values)} widgets_values, the node has {len(slots)} ({slots})")
             continue
-        for (name, is_control), value in zip(slots, values, strict=True):
-            if is_control:
+        extras = iter(GEN.FRONTEND_EXTRA_VALUES.get(kind, []))
+        for (name, slot), value in zip(slots, values, strict=True):
+            if slot == "control":
                 problem = (
                     None if value in CONTROL_VALUES else f"{value!r} is not one of {sorted(CONTROL_VALUES)}"
                 )
+            elif slot == "upload":
+                problem = None if value == "image" else f"{value!r} is not the upload widget's 'image'"
+            elif slot == "extra":
+                expected = next(extras)
+                problem = None if value == expected else f"{value!r} is not {expected!r}"
             else:
                 problem = _value_problem(name, *_spec(info, name), value)
             if problem:
-                problems.append(f"{where}: widget {name}{' control' if is_control else ''}: {problem}")
+                problems.append(f"{where}: widget {name}{'' if slot == 'value' else ' ' + slot}: {problem}")
     return problems
 
 
 def widget_values(node: dict, object_info: dict) -> dict[str, object]:
-    slots = widget_slots(object_info[node["type"]])
-    return {
-        name: v for (name, is_control), v in zip(slots, node["widgets_values"], strict=True) if not is_control
-    }
+    slots = widget_slots(object_info[node["type"]], node["type"])
+    return {name: v for (name, slot), v in zip(slots, node["widgets_values"], strict=True) if slot == "value"}
 
 
 def _nodes_of(workflow: dict, kind: str) -> list[dict]:
@@ -551,7 +447,37 @@ def _nodes_of(workflow: dict, kind: str) -> list[dict]:
 
 
 def test_server_example_workflows_exist():
-    assert [p.name for p in WORKFLOWS] == ["wan22_blockswap_t2v.json", "wan22_looper_high_low.json"]
+    assert [p.name for p in WORKFLOWS] == sorted(GEN.EXAMPLES)
+
+
+def test_server_example_workflows_are_the_generated_ones(object_info):
+    """The committed files equal what scripts/make_example_workflows.py builds from this server's node
+    definitions: every widget value sits in the slot of the input it names, whatever the input order."""
+    if CHECKOUT.resolve() != GEN.DEFAULT_CHECKOUT.resolve():
+        pytest.skip(
+            f"the examples are generated against {GEN.DEFAULT_CHECKOUT.name}; this is {CHECKOUT.name}"
+        )
+    built = GEN.build_workflows(object_info)
+    assert sorted(built) == [p.name for p in WORKFLOWS]
+    for path in WORKFLOWS:
+        assert path.read_text() == GEN.dumps(built[path.name]), f"{path.name}: re-run the script"
+
+
+def test_server_example_widget_values_land_in_their_inputs(object_info):
+    """Per node, the values read back by input name are the ones the generator was given by name."""
+    for path in WORKFLOWS:
+        workflow = json.loads(path.read_text())
+        for node in workflow["nodes"]:
+            if node["type"] in FRONTEND_ONLY or node["type"] not in object_info:
+                continue
+            by_name = widget_values(node, object_info)
+            spec_names = [n for n, slot in widget_slots(object_info[node["type"]]) if slot == "value"]
+            assert list(by_name) == spec_names, (path.name, node["type"])
+    t2v = json.loads((ROOT / "example_workflows" / "wan22_blockswap_i2v.json").read_text())
+    (unet,) = _nodes_of(t2v, "UNETLoader")
+    assert widget_values(unet, object_info)["weight_dtype"] == "fp8_e4m3fn"
+    (image,) = _nodes_of(t2v, "LoadImage")
+    assert widget_values(image, object_info) == {"image": "start_frame.png"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
@@ -579,14 +505,15 @@ def _links_of(workflow):
 
 def test_server_t2v_example_shows_loader_blockswap_sampler(object_info):
     workflow = json.loads((ROOT / "example_workflows" / "wan22_blockswap_t2v.json").read_text())
-    (swap,) = _nodes_of(workflow, "WAN22BlockSwap")
+    (swap,) = _nodes_of(workflow, "wan22BlockSwap")
     settings = widget_values(swap, object_info)
-    assert settings["blocks_to_swap"] == 20
+    assert settings["blocks_to_swap"] == 25
     assert settings["use_non_blocking"] is True
     assert settings["prefetch_blocks"] == 1
     source = _links_of(workflow)
     (sampler,) = _nodes_of(workflow, "KSampler")
-    assert source(sampler, "model")[0] is swap
+    shift = source(sampler, "model")[0]
+    assert shift["type"] == "ModelSamplingSD3" and source(shift, "model")[0] is swap
     assert source(swap, "model")[0]["type"] == "UNETLoader"
     latent = source(sampler, "latent_image")[0]
     assert latent["type"] == "EmptyHunyuanLatentVideo"
@@ -609,7 +536,7 @@ def test_server_looper_example_feeds_both_experts_through_looper_models(object_i
 
 
 def _swap_node(wf, info):
-    return _nodes_of(wf, "WAN22BlockSwap")[0]
+    return _nodes_of(wf, "wan22BlockSwap")[0]
 
 
 def _sampler_node(wf, info):
@@ -617,21 +544,21 @@ def _sampler_node(wf, info):
 
 
 def _server_renames_node(wf, info):
-    info["WAN22BlockSwapV2"] = info.pop("WAN22BlockSwap")
+    info["wan22BlockSwapV2"] = info.pop("wan22BlockSwap")
 
 
 def _server_renames_input(wf, info):
-    optional = info["WAN22BlockSwap"]["input"]["optional"]
-    info["WAN22BlockSwap"]["input"]["optional"] = {
+    optional = info["wan22BlockSwap"]["input"]["optional"]
+    info["wan22BlockSwap"]["input"]["optional"] = {
         ("prefetch" if k == "prefetch_blocks" else k): v for k, v in optional.items()
     }
-    order = info["WAN22BlockSwap"]["input_order"]["optional"]
+    order = info["wan22BlockSwap"]["input_order"]["optional"]
     order[order.index("prefetch_blocks")] = "prefetch"
 
 
 def _server_adds_widget(wf, info):
-    info["WAN22BlockSwap"]["input"]["optional"]["new_setting"] = ["BOOLEAN", {"default": False}]
-    info["WAN22BlockSwap"]["input_order"]["optional"].append("new_setting")
+    info["wan22BlockSwap"]["input"]["optional"]["new_setting"] = ["BOOLEAN", {"default": False}]
+    info["wan22BlockSwap"]["input_order"]["optional"].append("new_setting")
 
 
 def _server_renames_socket(wf, info):
@@ -662,9 +589,9 @@ def _dangling_link(wf, info):
 
 
 BREAKAGES = [
-    (_server_renames_node, "(WAN22BlockSwap): no such node"),
+    (_server_renames_node, "(wan22BlockSwap): no such node"),
     (_server_renames_input, "no input named 'prefetch_blocks'"),
-    (_server_adds_widget, "(WAN22BlockSwap): 8 widgets_values, the node has 9"),
+    (_server_adds_widget, "(wan22BlockSwap): 8 widgets_values, the node has 9"),
     (_server_renames_socket, "(KSampler): no input named 'model'"),
     (_drop_control_after_generate, "(KSampler): 6 widgets_values, the node has 7"),
     (_out_of_range, "blocks_to_swap: 1000 is outside [0, 64]"),
@@ -677,9 +604,65 @@ BREAKAGES = [
 @pytest.mark.parametrize("break_it, expected", BREAKAGES, ids=[f.__name__.strip("_") for f, _ in BREAKAGES])
 def test_server_example_workflow_check_catches(break_it, expected, object_info):
     """The workflow check fails when a node, an input or a value no longer matches the server."""
-    workflow = json.loads(WORKFLOWS[0].read_text())
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_blockswap_t2v.json").read_text())
     assert workflow_problems(workflow, object_info) == []
     broken, info = copy.deepcopy(workflow), copy.deepcopy(object_info)
     break_it(broken, info)
     problems = workflow_problems(broken, info)
     assert any(expected in p for p in problems), problems
+
+
+def test_server_a14b_example_runs_each_expert_through_lora_shift_and_blockswap(object_info):
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_a14b_t2v_gguf_lightx2v.json").read_text())
+    source = _links_of(workflow)
+    samplers = sorted(_nodes_of(workflow, "KSamplerAdvanced"), key=lambda n: n["pos"][1])
+    ranges = []
+    for sampler, role in zip(samplers, ("High", "Low"), strict=True):
+        values = widget_values(sampler, object_info)
+        ranges.append((values["start_at_step"], values["end_at_step"], values["steps"], values["cfg"]))
+        swap = source(sampler, "model")[0]
+        assert swap["type"] == "wan22BlockSwap"
+        shift = source(swap, "model")[0]
+        assert shift["type"] == "ModelSamplingSD3" and widget_values(shift, object_info)["shift"] == 5.0
+        lora = source(shift, "model")[0]
+        assert lora["type"] == "LoraLoaderModelOnly"
+        assert "lightx2v_4steps" in widget_values(lora, object_info)["lora_name"]
+        loader = source(lora, "model")[0]
+        settings = widget_values(loader, object_info)
+        assert loader["type"] == "WANModelLoader" and settings["model_type"] == "gguf"
+        assert settings["gguf_model"] == f"Wan2.2-T2V-A14B-{role}Noise-Q5_K_M.gguf"
+    assert ranges == [(0, 4, 8, 1.0), (4, 8, 8, 1.0)]
+    assert source(samplers[1], "latent_image")[0] is samplers[0]
+
+
+def test_server_sequencer_example_swaps_the_sequence_into_the_looper(object_info):
+    if "WanVideoLooper" not in object_info:
+        pytest.skip(f"needs the WanVideoLooper pack (not found at {LOOPER}; set WANVIDEOLOOPER_PATH)")
+    workflow = json.loads((ROOT / "example_workflows" / "wan22_looper_sequencer.json").read_text())
+    source = _links_of(workflow)
+    (looper,) = _nodes_of(workflow, "WanVideoLooper")
+    swap_seq = source(looper, "model_clip_sequence")[0]
+    assert swap_seq["type"] == "wan22BlockSwapSequencer"
+    assert source(swap_seq, "model_clip_sequence")[0]["type"] == "WanVideoLoraSequencer"
+    assert source(looper, "model_high")[0]["type"] == "wan22BlockSwapLooperModels"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_server_example_note_names_its_file_and_model_files(path, object_info):
+    workflow = json.loads(path.read_text())
+    (note,) = _nodes_of(workflow, "Note")
+    text = note["widgets_values"][0]
+    assert path.name in text and "12 GB" in text
+    for node in workflow["nodes"]:
+        if node["type"] not in object_info:
+            continue
+        for name, value in widget_values(node, object_info).items():
+            if (
+                name in MODEL_FILE_WIDGETS | {"gguf_model", "safetensors_model", "lora_name"}
+                and value != "none"
+            ):
+                if node["type"] == "WANModelLoader" and not name.startswith(
+                    widget_values(node, object_info)["model_type"]
+                ):
+                    continue
+                assert value in text, f"{path.name}: {value} not named in the Note"
