@@ -636,14 +636,50 @@ def looper_sequencer(info: dict) -> dict:
     return g.workflow("c4a8e2f6-7d19-4b3a-8e5c-0a22100e0002")
 
 
-# The combined loader (WAN BlockSwap Model Loader, id WAN22BlockSwapLoader) is being added on main. Its
-# example goes here once the node exists: a builder like gguf() with one WAN22BlockSwapLoader node in
-# place of WANModelLoader + wan22BlockSwap. Until then the server does not list it and nothing is written.
-COMBINED_LOADER = "WAN22BlockSwapLoader"
-
-
 def combined_loader(info: dict) -> dict:
-    raise NotImplementedError("example for the combined loader: add it here when the node lands on main")
+    g = Graph(info)
+    loader = g.node(
+        "WAN22BlockSwapLoader",
+        (0, 0),
+        {
+            "model_type": "safetensors",
+            "safetensors_model": "wan2.1_t2v_14B_fp8_scaled.safetensors",
+            "gguf_model": "none",
+            "auto_blocks_to_swap": True,
+            **SWAP_OVERLAP,
+        },
+        size=[400, 520],
+    )
+    shift = g.node("ModelSamplingSD3", (0, 560), {"shift": 8.0})
+    g.connect(loader, "model", shift, "model")
+    _, pos, neg = text_nodes(g, 440, 0)
+    latent = g.node("EmptyHunyuanLatentVideo", (440, 460), {"width": 832, "height": 480, "length": 33})
+    sampler = g.node(
+        "KSampler",
+        (1260, 0),
+        {"seed": 123456789, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple"},
+    )
+    for src, out, name in ((shift, "MODEL", "model"), (pos, 0, "positive"), (neg, 0, "negative")):
+        g.connect(src, out, sampler, name)
+    g.connect(latent, "LATENT", sampler, "latent_image")
+    decode_and_save(g, sampler, "LATENT", 1620, 0, "wan22_blockswap/loader")
+    g.note(
+        (-480, 0),
+        "WAN BlockSwap Model Loader example: the loader and BlockSwap in one node, text to video with WAN 2.1 "
+        "T2V 14B (fp8_scaled).\n\n"
+        "File: wan22_blockswap_loader.json. Model files (ComfyUI/models/...), as Comfy-Org's repackaged "
+        "release names them:\n"
+        f"- diffusion_models: wan2.1_t2v_14B_fp8_scaled.safetensors ({REPACK_21}, split_files/diffusion_models)\n"
+        f"{COMMON_FILES}\n\n"
+        "The node reads each swapped block from the file straight into its host copy in CPU RAM; the other "
+        "weights go where ComfyUI's own load puts them. auto_blocks_to_swap is on: at every load the fewest "
+        "last blocks are swapped whose resident weights plus the prefetch slots fit the VRAM ComfyUI grants "
+        "(none when the whole model fits); blocks_to_swap is then not used. "
+        f"For {CARD}: 40 blocks of about 351 MB in fp8 (14 GB) do not all fit, so part of them is swapped; "
+        "the log names the plan and, on a GPU, its measured copy and compute time after the first run. "
+        f"{OVERLAP_NOTE}",
+    )
+    return g.workflow("9d2e6b14-3c7a-4f08-b5e1-6a0c4d8f2e73")
 
 
 EXAMPLES = {
@@ -651,6 +687,7 @@ EXAMPLES = {
     "wan22_blockswap_i2v.json": (i2v, ()),
     "wan22_a14b_t2v_gguf_lightx2v.json": (a14b_gguf, ()),
     "wan22_gguf_t2v.json": (gguf, ()),
+    "wan22_blockswap_loader.json": (combined_loader, ()),
     "wan22_looper_high_low.json": (looper_high_low, ("WanVideoLooper",)),
     "wan22_looper_sequencer.json": (looper_sequencer, ("WanVideoLooper", "WanVideoLoraSequencer")),
 }
@@ -662,11 +699,6 @@ def build_workflows(object_info: dict) -> dict[str, dict]:
     for name, (build, needs) in EXAMPLES.items():
         if all(kind in object_info for kind in needs):
             out[name] = build(object_info)
-    if COMBINED_LOADER in object_info:  # guarded: the node is not on this branch yet
-        try:
-            out["wan22_blockswap_loader.json"] = combined_loader(object_info)
-        except NotImplementedError as err:
-            print(f"skipped: {err}", file=sys.stderr)
     return out
 
 
