@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--test-all", action="store_true", help="sweep blocks_to_swap over 0..all blocks")
     p.add_argument(
+        "--auto",
+        action="store_true",
+        help="with --model-path: also auto_blocks_to_swap, loaded per video as ComfyUI's sampler loads it, "
+        "compared with the best fixed blocks_to_swap measured",
+    )
+    p.add_argument(
         "--prefetch",
         type=_non_negative_int,
         nargs="+",
@@ -837,6 +843,7 @@ def main_comfyui(args, parser, pkg) -> int:
         steps=args.steps,
         text_tokens=512,
         vram_limit_gb=args.vram_limit,
+        auto=args.auto,
         fp8_optimization=args.fp8_optimization,
         comfyui_gguf_path=args.comfyui_gguf,
         progress=Progress(1 + len(points) * 8, enabled=not args.json_only),
@@ -884,6 +891,7 @@ def main_comfyui(args, parser, pkg) -> int:
         "contenders": list(dict.fromkeys(r["contender"] for r in rows)),
         "results": rows,
         "recommendation": report.recommendation(rows, card_gb, largest),
+        "auto_vs_best_fixed": report.auto_vs_best_fixed(rows),
     }
     if args.chart:
         title = f"{path.name}: {result['blocks']} blocks, ComfyUI {result['comfyui_version']} ({doc['machine']['gpu'] or 'CPU'})"
@@ -917,6 +925,8 @@ def main_comfyui(args, parser, pkg) -> int:
                 f"Failed: {row['contender']} swap={row['blocks_to_swap']} at {row['video']}: {row['error']}"
             )
     print(doc["recommendation"])
+    for line in doc["auto_vs_best_fixed"]:
+        print(line["text"])
     if args.chart:
         print(f"Chart written to {args.chart}")
     print(f"Results written to {args.output}")

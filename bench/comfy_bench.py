@@ -76,6 +76,7 @@ class Spec:
     steps: int
     text_tokens: int
     vram_limit_gb: float | None = None
+    auto: bool = False  # also the pack's auto_blocks_to_swap, loaded per point with that point's memory need
     fp8_optimization: str = "disabled"
     comfyui_gguf_path: str | None = None
     progress: object = None
@@ -452,6 +453,65 @@ class Runner:
                 # The slabs go back to the weights (unpinned) before another contender loads them.
                 plan.engine.forget_slabs()
 
+    def blockswap_auto(self, patcher, file_load_s, prefetch: int) -> None:
+        """auto_blocks_to_swap rows: for each point ComfyUI loads the model as its sampler does (with that
+        point's memory need), the plan fits its grant, and the row records the blocks it swapped."""
+        from ..callbacks import apply_block_swap, plan_of
+        from ..config import SwapConfig
+
+        config = SwapConfig(
+            prefetch_blocks=prefetch,
+            use_non_blocking=self.spec.non_blocking,
+            override_dynamic_vram=True,
+            auto_blocks_to_swap=True,
+        )
+        swapped = None
+        try:
+            swapped = apply_block_swap(patcher, config)
+            plan = plan_of(swapped)
+            for point in self.spec.points:
+                inputs, tokens = video_inputs(swapped, point, self.spec.text_tokens, self.device)
+                fields = {"prefetch_blocks": prefetch, "non_blocking": self.spec.non_blocking}
+                try:
+                    start = time.perf_counter()
+                    need = swapped.memory_required(list(inputs["x"].shape))
+                    self.mm.load_models_gpu([swapped], memory_required=need)
+                    _sync(self.device)
+                    load_s = time.perf_counter() - start
+                    count = sum(1 for u in plan.engine.swapped_units if u.name.startswith("blocks."))
+                    fields.update(
+                        blocks_to_swap=count,
+                        auto_grant_mb=mib(plan.last_grant) if plan.last_grant != float("inf") else None,
+                    )
+                    numbers = measure(
+                        swapped, inputs, self.spec.steps, self.device, self.occupied, self.pkg, plan.engine
+                    )
+                except Exception as exc:
+                    log.warning("[BlockSwap] benchmark: blockswap_auto at %s failed: %s", point.label, exc)
+                    self._row("blockswap_auto", point, tokens, error=_describe(exc), **fields)
+                    continue
+                finally:
+                    del inputs
+                self._row(
+                    "blockswap_auto",
+                    point,
+                    tokens,
+                    file_load_s=round(file_load_s, 3),
+                    device_load_s=round(load_s, 3),
+                    load_time_s=round(file_load_s + load_s, 3),
+                    weights_on_device_mb=mib(swapped.loaded_size()),
+                    comfyui_partial_load=not _fully_loaded(swapped),
+                    **fields,
+                    **numbers,
+                )
+        except Exception as exc:
+            self._error_rows("blockswap_auto", exc, {"prefetch_blocks": prefetch})
+        finally:
+            _free_device(self.device)
+            plan = plan_of(swapped) if swapped is not None else None
+            if plan is not None:
+                plan.engine.forget_slabs()
+
     def lowvram(self, contender: str, patcher, file_load_s, count: int, budget: int, gguf_ops=None):
         """ComfyUI's own partial load of `patcher` with `budget` bytes for weights."""
         fields = {"blocks_to_swap": count}
@@ -551,6 +611,8 @@ class Runner:
                 self.lowvram("comfyui_lowvram", patcher, file_load_s, count, budget)
                 if gguf_patcher is not None:
                     self.lowvram("comfyui_gguf", gguf_patcher, gguf_load_s, count, budget, gguf_ops=gguf_ops)
+            if spec.auto:
+                self.blockswap_auto(patcher, file_load_s, spec.prefetches[0])
             del patcher, gguf_patcher
             _free_device(self.device)
             self.dynamic_vram()

@@ -15,6 +15,7 @@ CONTENDER_NAMES = {
     "resident": "no swap (resident)",
     "blockswap": "BlockSwap",
     "comfyui_lowvram": "ComfyUI lowvram",
+    "blockswap_auto": "BlockSwap auto",
     "comfyui_dynamic_vram": "ComfyUI dynamic VRAM",
     "comfyui_gguf": "ComfyUI-GGUF",
 }
@@ -86,6 +87,34 @@ def recommendation(rows: Iterable[dict], card_gb: float | None, point: str | Non
         f"use_non_blocking={best['non_blocking']} -> {_percent(best.get('time_difference_percent'))} step time "
         f"vs no swap{tail}"
     )
+
+
+def auto_vs_best_fixed(rows: list[dict]) -> list[dict[str, object]]:
+    """Per video: auto_blocks_to_swap's row against the fastest fixed blocks_to_swap row that ran."""
+    out = []
+    for auto in (r for r in rows if r["contender"] == "blockswap_auto"):
+        if not _ok(auto):
+            out.append({"video": auto["video"], "text": f"auto at {auto['video']}: failed ({auto['error']})"})
+            continue
+        fixed = [r for r in rows if r["contender"] == "blockswap" and r["video"] == auto["video"] and _ok(r)]
+        if not fixed:
+            continue
+        best = min(fixed, key=lambda r: r["step_time_s"])
+        ratio = auto["step_time_s"] / best["step_time_s"] - 1
+        out.append(
+            {
+                "video": auto["video"],
+                "auto_blocks_to_swap": auto["blocks_to_swap"],
+                "best_fixed_blocks_to_swap": best["blocks_to_swap"],
+                "step_time_difference_percent": round(100 * ratio, 2),
+                "text": (
+                    f"auto at {auto['video']}: {auto['blocks_to_swap']} blocks swapped, step {auto['step_time_s']:.3f} s; "
+                    f"fastest fixed: blocks_to_swap={best['blocks_to_swap']} at {best['step_time_s']:.3f} s "
+                    f"({100 * ratio:+.1f} %)"
+                ),
+            }
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 # the ComfyUI checkout(s) under .hosts/ on the GPU, and the 14B-shaped benchmark with ComfyUI's own
 # offloading for comparison. Prints short tables; logs and JSON go to OUTDIR.
 #   bash scripts/gpu_check.sh [OUTDIR]      (OUTDIR defaults to $OUT, else /tmp/gpu_check)
-#   PARTS="cuda host" bash scripts/gpu_check.sh    (a subset of: cuda host setups bench bench2)
+#   PARTS="cuda host" bash scripts/gpu_check.sh    (a subset of: cuda host setups bench bench2 loader auto)
 set -uo pipefail
-PARTS=${PARTS:-cuda host setups bench bench2}
+PARTS=${PARTS:-cuda host setups bench bench2 loader auto}
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUTDIR"
@@ -60,8 +60,29 @@ fi
 # bench2 (prepared, not yet run on a GPU): the user-file mode inside ComfyUI on a simulated 12 GB card,
 # 14B block shapes with 10 blocks, bf16 (and fp8 via the loader) vs 0.8.1's and 0.33's offloading (and
 # 0.33's dynamic VRAM), Q8_0 GGUF vs ComfyUI-GGUF's own offloading, at 32,760 and 1,560 tokens.
-[[ " $PARTS " == *" bench2 "* ]] || exit 0
 FILES=${BENCH_FILES:-/tmp/wan_bench_files}
+
+# loader (#12, prepared, not yet run on a GPU): the combined loader on a 14B-shaped 10-block bf16 file,
+# peak VRAM during load against resident + one block, host anonymous RSS against 1.1 x (swapped + one
+# block), next to WAN Model Loader + BlockSwap and UNETLoader + BlockSwap.
+if [ -n "$HOST" ] && [[ " $PARTS " == *" loader "* ]]; then
+  echo "== loader: combined loader memory, 14B-shaped 10 blocks ($HOST)"
+  timeout ${LOADER_TIMEOUT:-240} $PY benchmarks/combined_loader_memory.py --comfyui "$PWD/$HOST" --gpu --preset 14b \
+    --layers 10 --blocks-to-swap 6 --cycles 3 --json "$OUTDIR/loader_14b.json" 2>&1 | tee "$OUTDIR/loader.log" | tail -14
+fi
+
+# auto (#14, prepared, not yet run on a GPU): auto_blocks_to_swap on a simulated 12 GB card, 14B-shaped
+# 20-block bf16 file, 832x480x81 (32,760 tokens) and 1280x720x81, against the fixed sweep.
+if [ -n "$HOST" ] && [[ " $PARTS " == *" auto "* ]]; then
+  $PY scripts/make_bench_files.py "$FILES" --preset 14b --layers 20 2>&1 | tail -1
+  F=$(ls "$FILES"/wan_14b_20blocks_bf16.safetensors 2>/dev/null | head -1)
+  echo "== auto: 14B-shaped 20 blocks, --vram-limit 12 ($HOST)"
+  [ -n "$F" ] && timeout ${AUTO_TIMEOUT:-300} $PY test_performance.py --comfyui "$PWD/$HOST" --model-path "$F" \
+    --vram-limit 12 --auto --test-all --resolution 832x480 --frames 81 --prefetch 1 --non-blocking --steps 2 \
+    --output "$OUTDIR/auto_14b.json" 2>&1 | tee "$OUTDIR/auto.log" | tail -8
+fi
+
+[[ " $PARTS " == *" bench2 "* ]] || exit 0
 $PY scripts/make_bench_files.py "$FILES" --preset 14b --layers 10 2>&1 | tail -1
 [ -d .hosts/ComfyUI-GGUF ] && export COMFYUI_GGUF_PATH=$PWD/.hosts/ComfyUI-GGUF
 for H in $(ls -d .hosts/*0.8.1*/ .hosts/*0.33*/ 2>/dev/null | sed 's:/$::'); do

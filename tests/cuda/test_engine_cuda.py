@@ -157,3 +157,20 @@ def test_cuda_a_failed_pin_leaves_no_error_for_the_next_kernel():
         assert x.sum().item() == 8
     finally:
         runtime.cudaHostUnregister(buffer.data_ptr())
+
+
+def test_a_timed_run_measures_copies_and_the_swapped_units_compute(model):
+    """time_next_run (what auto_blocks_to_swap asks for after a re-plan): CUDA events around each copy and
+    each swapped unit's compute, for that run only."""
+    inputs = sm.example_inputs(model, tokens=256, vace_contexts=1)
+    engine = engine_for(model, 4, 1, True)
+    engine.time_next_run = True
+    with engine.attached(), torch.inference_mode():
+        model(**inputs)
+    stats = engine.last_run
+    assert stats.copies == engine.counters.copies > 0 and stats.copy_ms > 0
+    assert stats.computes == engine.counters.unit_runs and stats.compute_ms > 0
+    with engine.attached(), torch.inference_mode():
+        model(**inputs)
+    assert engine.last_run.copies == 0  # the next run is not timed
+    engine.release()

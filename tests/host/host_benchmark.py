@@ -133,3 +133,19 @@ def test_vram_limit_is_refused_on_cpu_and_bad_files_get_the_loaders_errors(tmp_p
     save_file({"input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, str(not_wan))
     with pytest.raises(SystemExit, match="sd15.safetensors: not a WAN 2.1/2.2 diffusion model"):
         cli.main(["--model-path", str(not_wan), "--output", str(tmp_path / "r.json")])
+
+
+def test_auto_rows_are_loaded_as_the_sampler_loads_and_compared_with_the_best_fixed_row(tmp_path):
+    """CPU smoke run of --auto: a row per video with the blocks the plan swapped (none: in CPU mode
+    ComfyUI grants the whole model) and a comparison with the fastest fixed blocks_to_swap row."""
+    cli = _cli()
+    path = _write_files(tmp_path)[0]
+    out = tmp_path / "auto.json"
+    argv = ["--model-path", str(path), "--steps", "1", "--resolution", "64x64", "--frames", "1", "--auto"]
+    assert cli.main(argv + ["--blocks-to-swap", "2", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (auto,) = [r for r in doc["results"] if r["contender"] == "blockswap_auto"]
+    assert auto["error"] is None and auto["blocks_to_swap"] == 0 and auto["step_time_s"] > 0
+    (line,) = doc["auto_vs_best_fixed"]
+    assert line["auto_blocks_to_swap"] == 0 and line["best_fixed_blocks_to_swap"] in (0, 2)
+    assert "fastest fixed" in line["text"]

@@ -57,6 +57,7 @@ def test_node_is_registered_under_its_own_id():
         "prefetch_blocks": 0,
         "block_swap_debug": False,
         "override_dynamic_vram": False,
+        "auto_blocks_to_swap": False,
     }
     assert all(v[1].get("tooltip") for part in spec.values() for v in part.values())
     assert nodes.WAN22BlockSwap.CATEGORY == "ComfyUI_Wan22Blockswap"

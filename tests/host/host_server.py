@@ -84,6 +84,7 @@ EXPECTED_INPUTS = {
         "prefetch_blocks": ("INT", 0),
         "block_swap_debug": ("BOOLEAN", False),
         "override_dynamic_vram": ("BOOLEAN", False),
+        "auto_blocks_to_swap": ("BOOLEAN", False),
     },
 }
 
