@@ -91,6 +91,7 @@ class SwapPlan:
         self._auto_budget = 0.0  # the grant when the swapped set last changed
         self._auto_fit = None
         self.last_grant: float | None = None  # the VRAM ComfyUI granted at the last load (auto)
+        self.joined: list[str] = []  # units the last re-plan added to the swapped set
         self._auto_report = False  # log the plan and its measured cost after the next run
         self._patcher_ref = None  # the patcher whose run is active / last loaded (for LoRA patches)
         self._functions_set: list[tuple[torch.nn.Module, str]] = []
@@ -140,10 +141,19 @@ class SwapPlan:
                 format_bytes(fit.device_bytes),
             )
         self._auto_fit, self.last_grant = fit, budget
+        self.joined = []
         if count == current:
             return False
-        self.engine.set_swapped(self._auto_candidates[count])
+        joined, _left = self.engine.set_swapped(self._auto_candidates[count])
         self._refresh_swap_set()
+        self.joined = joined
+        for unit in self.engine.swapped_units:
+            if unit.name in joined:
+                for module in unit.module.modules():
+                    if getattr(module, "comfy_patched_weights", False):
+                        # ComfyUI skips re-patching a module it marked; if the block leaves the swapped set
+                        # again, ComfyUI must patch (LoRA) and count it anew.
+                        module.comfy_patched_weights = False
         self._auto_count, self._auto_budget = count, budget
         self._auto_report = True
         self.engine.time_next_run = True
@@ -402,16 +412,19 @@ class BlockSwapPatcherMixin:
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
         """ComfyUI's (re)load of a model it may already hold, with `extra_memory` more than it has now.
 
-        auto_blocks_to_swap: the plan is fitted to the new grant first. When that changes the swapped set,
-        a fresh weight-patch identity makes ComfyUI's own partially_load unload the weights it placed and
-        load them again through `load()`, so blocks that join leave the GPU and the accounting stays true.
+        auto_blocks_to_swap: the plan is fitted to the new grant first. When that changes the swapped set of
+        a model ComfyUI has loaded, the model is marked as holding other weights than this patcher's, so
+        ComfyUI's own partially_load unloads what it placed and loads again through `load()`: blocks that
+        join leave the GPU, blocks that leave are placed, and ComfyUI counts everything anew. (The mark is
+        on the shared model, not on this patcher: its clones keep matching the model once it reloaded.)
         """
         plan = plan_of(self)
         if plan is not None and plan.auto and not plan.engine.is_attached:
             used = self.model.model_loaded_weight_memory
             grant = float("inf") if extra_memory >= 1e31 else used + extra_memory
-            if plan.replan(grant, super().model_size()):
-                self.patches_uuid = uuid.uuid4()
+            changed = plan.replan(grant, super().model_size())
+            if changed and getattr(self.model, "current_weight_patches_uuid", None) is not None:
+                self.model.current_weight_patches_uuid = uuid.uuid4()
         return super().partially_load(device_to, extra_memory, force_patch_weights=force_patch_weights)
 
     def _load_list(self, *args, **kwargs):
@@ -434,7 +447,7 @@ class BlockSwapPatcherMixin:
                 full_load=full_load,
                 **kwargs,
             )
-        if plan.auto:
+        if plan.auto and not plan.engine.is_attached:
             whole = full_load or lowvram_model_memory == 0
             plan.replan(float("inf") if whole else lowvram_model_memory, super().model_size())
         plan.prepare_load(self)

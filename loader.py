@@ -354,6 +354,7 @@ class HeldBackCopies(TorchFunctionMode):
         super().__init__()
         self._watched: dict[int, torch.Tensor] = {}
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(destination) -> (dst, src)
+        self._owners: dict[int, tuple[torch.nn.Module, str]] = {}
 
     def watch(self, tensors) -> None:
         for t in tensors:
@@ -364,15 +365,26 @@ class HeldBackCopies(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.copy_ and len(args) == 2 and not kwargs:
             dst, src = args
+            # Parameters only: a module keeps its Parameter objects when it moves (`.data` is re-pointed),
+            # while a moved buffer is a new tensor, which a later fill would miss. A second copy into the
+            # same parameter replaces the first, as it would have overwritten it.
             if (
                 self._watched.get(id(src)) is src
-                and type(dst) in (torch.Tensor, torch.nn.Parameter)
+                and type(dst) is torch.nn.Parameter
                 and tuple(dst.shape) == tuple(src.shape)
-                and id(dst) not in self.pending
             ):
                 self.pending[id(dst)] = (dst, src)
                 return dst
         return func(*args, **kwargs)
+
+    def bind_owners(self, root: torch.nn.Module) -> None:
+        """Remember which module attribute holds each held-back parameter (right after the build): a host
+        that later replaces a Parameter object (ComfyUI 0.8.1+ does for some fp8_scaled layers when it
+        loads them) gets its current parameter filled, not the one it dropped."""
+        for module in root.modules():
+            for name, param in module._parameters.items():
+                if param is not None and id(param) in self.pending:
+                    self._owners[id(param)] = (module, name)
 
     def sources(self) -> dict[int, torch.Tensor]:
         """id(parameter or buffer) -> the file tensor its value is to be read from."""
@@ -386,12 +398,17 @@ class HeldBackCopies(TorchFunctionMode):
             for key, (dst, src) in self.pending.items():
                 if key in taken:
                     continue
+                owner = self._owners.get(key)
+                current = owner[0]._parameters.get(owner[1]) if owner is not None else None
+                if current is not None and current is not dst and tuple(current.shape) == tuple(src.shape):
+                    dst = current
                 dst.copy_(src)
                 copied += dst.numel() * dst.element_size()
                 if on_copy is not None:
                     on_copy(dst)
         self.pending.clear()
         self._watched.clear()
+        self._owners.clear()
         return copied
 
 
@@ -646,6 +663,7 @@ def load_swapped_wan_model(
                 held_back,
                 disable_dynamic=config.override_dynamic_vram,
             )
+        held_back.bind_owners(patcher.model)
         swapped = apply_block_swap(patcher, config)
         plan = plan_of(swapped)
         if plan is not None and plan.auto:
@@ -671,6 +689,7 @@ def load_swapped_wan_model(
     except BaseException:
         held_back.pending.clear()
         raise
+    units = plan.engine.swapped_units if plan is not None else []  # ComfyUI's load may have re-planned (auto)
     swapped_ids = {id(t) for unit in units for *_, t in unit.tensors()}
     others = [t for t in swapped.model.state_dict(keep_vars=True).values() if id(t) not in swapped_ids]
     resident = sum(tensor_nbytes(t) for t in others if t.device.type == "cpu")

@@ -14,7 +14,7 @@ from wan22_blockswap.config import SwapConfig
 
 from .comfy_helpers import load, write_checkpoint
 from .comfy_helpers import sample as _sample
-from .lowvram import DEVICE, SimulatedCard, loaded_weight_memory
+from .lowvram import DEVICE, SimulatedCard, _in_slab, loaded_weight_memory
 
 PREFETCH = 1
 
@@ -47,6 +47,10 @@ def swapped_count(model) -> int:
     return sum(1 for u in callbacks.plan_of(model).engine.swapped_units if u.name.startswith("blocks."))
 
 
+def _span(unit):
+    return (unit.slab.data_ptr(), unit.slab.data_ptr() + unit.slab.numel())
+
+
 def check_plan(model, card) -> int:
     """The plan fits the grant ComfyUI gave, is the fewest blocks that fit, and ComfyUI's numbers are where
     the tensors are. Returns the number of swapped blocks."""
@@ -56,8 +60,11 @@ def check_plan(model, card) -> int:
     count = swapped_count(model)
     assert loaded_weight_memory(model) == card.weights_on_card(model)
     assert card.slots_on_card() == 0 and not engine.is_attached
-    for unit in engine.swapped_units:  # no swapped block on the card
-        assert all(card.ledger.get((s.owner, s.attr)) != DEVICE for s in unit.layout)
+    for unit in engine.swapped_units:  # no swapped block on the card: each lies in its host copy
+        assert all(
+            card.ledger.get((s.owner, s.attr)) != DEVICE or _in_slab(getattr(s.owner, s.attr), [_span(unit)])
+            for s in unit.layout
+        )
     if count:
         assert whole - plan.swapped_bytes + plan.slot_bytes <= grant
     return count
@@ -244,3 +251,35 @@ def test_the_combined_loader_reads_the_blocks_the_free_vram_calls_for_and_the_fi
         card.inference_reserve = 2 * block  # the run needs more than the estimate left free
         sample(model)
         assert check_plan(model, card) == fewest_for(model, plan.last_grant) > at_read
+
+
+def test_clones_of_an_auto_model_do_not_reload_each_other_after_a_re_plan(checkpoint, monkeypatch):
+    """A re-plan marks the shared model for a reload; the clones keep their own weight-patch identity, so
+    switching between them afterwards (a second sampler with its own shift) reloads nothing."""
+    import comfy.model_patcher
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    unloads = []
+    real = comfy.model_patcher.ModelPatcher.unpatch_model
+
+    def counting(self, device_to=None, unpatch_weights=True, *args, **kwargs):
+        if unpatch_weights and self.model.current_weight_patches_uuid is not None:
+            unloads.append(1)
+        return real(self, device_to, unpatch_weights, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "unpatch_model", counting)
+    card = SimulatedCard(total=2**40)
+    with card.active():
+        model = auto(load(checkpoint))
+        engine, block, whole = sizes(model)
+        sample(model)  # the whole model fits
+        other = ModelSamplingSD3().patch(model, 5.0)[0]  # a sibling clone, made before the re-plan
+        card.total = whole - 3 * block
+        for _ in range(3):  # a smaller grant: re-planned and reloaded (the card's free memory settles first)
+            sample(model)
+        assert swapped_count(model) > 0
+        sample(other)  # its first load after the model's re-plan
+        before = len(unloads)
+        for m in (other, model, other, model):
+            sample(m)
+        assert len(unloads) == before

@@ -43,16 +43,20 @@ class SimulatedCard:
     # -- what is on the card ------------------------------------------------------------------
 
     def weights_on_card(self, model=None) -> int:
-        """Bytes of weights ComfyUI moved onto the card (of one patcher's model, or of all)."""
+        """Bytes of weights ComfyUI moved onto the card (of one patcher's model, or of all).
+
+        A tensor the engine re-pointed into a host slab since (a block that joined the swapped set while
+        ComfyUI had it on the card) is in host RAM, whatever the ledger of `.to()` moves says."""
         total = 0
         members = {id(m) for m in model.model.modules()} if model is not None else None
+        slabs = _host_slabs()
         for (module, name), device in self.ledger.items():
             if device != DEVICE:
                 continue
             if members is not None and id(module) not in members:
                 continue
             t = module._parameters.get(name, module._buffers.get(name))
-            if t is not None:
+            if t is not None and not _in_slab(t, slabs):
                 total += tensor_nbytes(t)
         return total
 
@@ -136,6 +140,25 @@ class SimulatedCard:
             mm.unload_all_models()
             for obj, name, value in reversed(saved):
                 setattr(obj, name, value)
+
+
+def _host_slabs() -> list[tuple[int, int]]:
+    """(start, end) of every host slab of the plans that own a module now."""
+    import gc
+
+    out = []
+    for obj in gc.get_objects():
+        if isinstance(obj, callbacks.SwapPlan):
+            for unit in obj.engine.units:
+                if unit.slab is not None:
+                    out.append((unit.slab.data_ptr(), unit.slab.data_ptr() + unit.slab.numel()))
+    return out
+
+
+def _in_slab(t: torch.Tensor, slabs: list[tuple[int, int]]) -> bool:
+    from wan22_blockswap.block_manager import _leaves
+
+    return all(any(start <= leaf.data_ptr() < end for start, end in slabs) for leaf in _leaves(t))
 
 
 def _same(device, other: torch.device) -> bool:
