@@ -592,7 +592,7 @@ def _dangling_link(wf, info):
 BREAKAGES = [
     (_server_renames_node, "(wan22BlockSwap): no such node"),
     (_server_renames_input, "no input named 'prefetch_blocks'"),
-    (_server_adds_widget, "(wan22BlockSwap): 8 widgets_values, the node has 9"),
+    (_server_adds_widget, "(wan22BlockSwap): 9 widgets_values, the node has 10"),
     (_server_renames_socket, "(KSampler): no input named 'model'"),
     (_drop_control_after_generate, "(KSampler): 6 widgets_values, the node has 7"),
     (_out_of_range, "blocks_to_swap: 1000 is outside [0, 64]"),
