@@ -64,7 +64,8 @@ def swap_inputs() -> dict[str, dict]:
                     "max": MAX_VACE_BLOCKS,
                     "step": 1,
                     "tooltip": "VACE blocks kept in CPU RAM (VACE models only). 0 = auto: the same share of "
-                    "VACE blocks as blocks_to_swap is of the main blocks.",
+                    "VACE blocks as blocks_to_swap is of the main blocks. Not used when auto_blocks_to_swap is "
+                    "on (it swaps the same share of VACE blocks as it picks of the main blocks).",
                 },
             ),
             "prefetch_blocks": (
