@@ -91,7 +91,6 @@ class SwapPlan:
         self._auto_budget = 0.0  # the grant when the swapped set last changed
         self._auto_fit = None
         self.last_grant: float | None = None  # the VRAM ComfyUI granted at the last load (auto)
-        self.joined: list[str] = []  # units the last re-plan added to the swapped set
         self._auto_report = False  # log the plan and its measured cost after the next run
         self._patcher_ref = None  # the patcher whose run is active / last loaded (for LoRA patches)
         self._functions_set: list[tuple[torch.nn.Module, str]] = []
@@ -141,19 +140,10 @@ class SwapPlan:
                 format_bytes(fit.device_bytes),
             )
         self._auto_fit, self.last_grant = fit, budget
-        self.joined = []
         if count == current:
             return False
-        joined, _left = self.engine.set_swapped(self._auto_candidates[count])
+        self.engine.set_swapped(self._auto_candidates[count])
         self._refresh_swap_set()
-        self.joined = joined
-        for unit in self.engine.swapped_units:
-            if unit.name in joined:
-                for module in unit.module.modules():
-                    if getattr(module, "comfy_patched_weights", False):
-                        # ComfyUI skips re-patching a module it marked; if the block leaves the swapped set
-                        # again, ComfyUI must patch (LoRA) and count it anew.
-                        module.comfy_patched_weights = False
         self._auto_count, self._auto_budget = count, budget
         self._auto_report = True
         self.engine.time_next_run = True

@@ -10,6 +10,15 @@ from .wan.detect import MODEL_VARIANTS, WAN_VERSIONS
 CATEGORY = "ComfyUI_Wan22Blockswap"
 
 
+def swap_node_inputs(leading: dict[str, tuple]) -> dict[str, dict]:
+    """A BlockSwap node's INPUT_TYPES: its own `leading` inputs, then the swap settings every BlockSwap node
+    shares in the seed's order, then the optional inputs this pack added (always last)."""
+    inputs = swap_inputs()
+    inputs["required"] = {**leading, **inputs["required"]}
+    inputs["optional"].update(late_optional_inputs())
+    return inputs
+
+
 def swap_inputs() -> dict[str, dict]:
     """The swap settings shared by every BlockSwap node, with tooltips (sizes from WAN's shapes)."""
     d = SwapConfig()
@@ -136,13 +145,9 @@ class WAN22BlockSwap:
 
     @classmethod
     def INPUT_TYPES(cls):
-        inputs = swap_inputs()
-        inputs["required"] = {
-            "model": ("MODEL", {"tooltip": "A WAN 2.1/2.2 model from any loader (safetensors, fp8, GGUF)."}),
-            **inputs["required"],
-        }
-        inputs["optional"].update(late_optional_inputs())
-        return inputs
+        return swap_node_inputs(
+            {"model": ("MODEL", {"tooltip": "A WAN 2.1/2.2 model from any loader (safetensors, fp8, GGUF)."})}
+        )
 
     def apply(self, model, **settings):
         return (apply_block_swap(model, SwapConfig(**settings)),)
@@ -282,9 +287,8 @@ class WAN22BlockSwapLoader:
     DESCRIPTION = (
         "WAN Model Loader and WAN 2.2 BlockSwap in one node, with the same inputs and the same resulting "
         "model, loaded without a second copy of anything: each swapped block is read from the file straight "
-        "into its host copy in CPU RAM (pinned within the budget when use_non_blocking is on) and never goes "
-        "to the GPU; the other weights are read into the RAM ComfyUI allocated for them and go to the GPU "
-        "when ComfyUI loads the model, as with any loader."
+        "into its host copy in CPU RAM (pinned within the budget when use_non_blocking is on), not to the "
+        "GPU; ComfyUI's own load places the other weights, and each is read from the file where it lands."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
@@ -294,10 +298,7 @@ class WAN22BlockSwapLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        inputs = swap_inputs()
-        inputs["required"] = {**WANModelLoader.INPUT_TYPES()["required"], **inputs["required"]}
-        inputs["optional"].update(late_optional_inputs())
-        return inputs
+        return swap_node_inputs(WANModelLoader.INPUT_TYPES()["required"])
 
     def load_model(
         self,
@@ -349,14 +350,12 @@ class WAN22BlockSwapLooperModels:
 
     @classmethod
     def INPUT_TYPES(cls):
-        inputs = swap_inputs()
-        inputs["required"] = {
-            "model_high": ("MODEL", {"tooltip": "The WAN 2.2 high-noise expert (from any loader)."}),
-            "model_low": ("MODEL", {"tooltip": "The WAN 2.2 low-noise expert (from any loader)."}),
-            **inputs["required"],
-        }
-        inputs["optional"].update(late_optional_inputs())
-        return inputs
+        return swap_node_inputs(
+            {
+                "model_high": ("MODEL", {"tooltip": "The WAN 2.2 high-noise expert (from any loader)."}),
+                "model_low": ("MODEL", {"tooltip": "The WAN 2.2 low-noise expert (from any loader)."}),
+            }
+        )
 
     def apply(self, model_high, model_low, **settings):
         return looper.swap_pair(model_high, model_low, SwapConfig(**settings))
@@ -376,20 +375,18 @@ class WAN22BlockSwapSequencer:
 
     @classmethod
     def INPUT_TYPES(cls):
-        inputs = swap_inputs()
-        inputs["required"] = {
-            "model_clip_sequence": (
-                "ANY",
-                {
-                    "forceInput": True,
-                    "tooltip": "The output of WanVideo Lora Sequencer: a list of (model_high, model_low, clip) "
-                    "entries, any of them empty.",
-                },
-            ),
-            **inputs["required"],
-        }
-        inputs["optional"].update(late_optional_inputs())
-        return inputs
+        return swap_node_inputs(
+            {
+                "model_clip_sequence": (
+                    "ANY",
+                    {
+                        "forceInput": True,
+                        "tooltip": "The output of WanVideo Lora Sequencer: a list of (model_high, model_low, clip) "
+                        "entries, any of them empty.",
+                    },
+                ),
+            }
+        )
 
     def apply(self, model_clip_sequence, **settings):
         return (looper.swap_sequence(model_clip_sequence, SwapConfig(**settings)),)

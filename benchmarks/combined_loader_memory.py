@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -43,32 +42,6 @@ DEFAULT_COMFYUI = common.DEFAULT_COMFYUI
 TARGET_RATIO = 1.1
 CYCLE_TOLERANCE = 0.01
 PATHS = ("combined", "separate", "unet")
-
-
-class AnonPeak:
-    """Largest RssAnon seen while active (1 ms polling, and a reading at the end)."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, common.proc_status()["RssAnon"])
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = common.proc_status()["RssAnon"]
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, common.proc_status()["RssAnon"])
-        return False
 
 
 def write_file(path: Path, preset: str, layers: int | None = None) -> dict[str, object]:
@@ -162,7 +135,7 @@ def child_load(args) -> dict[str, object]:
         torch.cuda.reset_peak_memory_stats()
     baseline = common.proc_status()
     start = time.perf_counter()
-    with AnonPeak() as peak:
+    with common.PeakPoller(interval=0.001, key="RssAnon") as peak:
         model = _load(args.child, name, settings, comfy_nodes, nodes)
         mm.load_models_gpu([model])  # what sampling does first: the two-node paths build host copies here
     seconds = time.perf_counter() - start

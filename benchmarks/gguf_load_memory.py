@@ -82,28 +82,30 @@ def reset_peak_rss() -> bool:
 
 
 class PeakPoller:
-    """Samples VmRSS every few milliseconds (a fallback when VmHWM cannot be reset)."""
+    """Samples one /proc/self/status reading (VmRSS by default) every few milliseconds while active, plus a
+    last reading at the end (a fallback when VmHWM cannot be reset; the only way to a peak of RssAnon)."""
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, interval: float = 0.005, key: str = "VmRSS"):
         self.interval = interval
+        self.key = key
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, proc_status()["VmRSS"])
+            self.peak = max(self.peak, proc_status()[self.key])
             time.sleep(self.interval)
 
     def __enter__(self):
-        self.peak = proc_status()["VmRSS"]
+        self.peak = proc_status()[self.key]
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, proc_status()["VmRSS"])
+        self.peak = max(self.peak, proc_status()[self.key])
         return False
 
 

@@ -275,6 +275,21 @@ def decode_and_save(g: Graph, latent_src: dict, latent_output, x: int, y: int, p
     return vae
 
 
+def text_to_video(g: Graph, model_src: dict, model_output, x: int, prefix: str) -> None:
+    """Prompts, an 832x480x33 latent, KSampler (30 steps uni_pc, cfg 6) and decode + save, from column x."""
+    _, pos, neg = text_nodes(g, x, 0)
+    latent = g.node("EmptyHunyuanLatentVideo", (x, 460), {"width": 832, "height": 480, "length": 33})
+    sampler = g.node(
+        "KSampler",
+        (x + 820, 0),
+        {"seed": 123456789, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple"},
+    )
+    for src, out, name in ((model_src, model_output, "model"), (pos, 0, "positive"), (neg, 0, "negative")):
+        g.connect(src, out, sampler, name)
+    g.connect(latent, "LATENT", sampler, "latent_image")
+    decode_and_save(g, sampler, "LATENT", x + 1180, 0, prefix)
+
+
 # --- the examples ----------------------------------------------------------------------------------------
 
 
@@ -285,17 +300,7 @@ def t2v(info: dict) -> dict:
     g.connect(unet, "MODEL", swap, "model")
     shift = g.node("ModelSamplingSD3", (0, 480), {"shift": 8.0})
     g.connect(swap, "model", shift, "model")
-    _, pos, neg = text_nodes(g, 380, 0)
-    latent = g.node("EmptyHunyuanLatentVideo", (380, 460), {"width": 832, "height": 480, "length": 33})
-    sampler = g.node(
-        "KSampler",
-        (1200, 0),
-        {"seed": 123456789, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple"},
-    )
-    for src, out, name in ((shift, "MODEL", "model"), (pos, 0, "positive"), (neg, 0, "negative")):
-        g.connect(src, out, sampler, name)
-    g.connect(latent, "LATENT", sampler, "latent_image")
-    decode_and_save(g, sampler, "LATENT", 1560, 0, "wan22_blockswap/t2v")
+    text_to_video(g, shift, "MODEL", 380, "wan22_blockswap/t2v")
     g.note(
         (-480, 0),
         "WAN 2.2 BlockSwap example: text to video (WAN 2.1 T2V 14B, fp8).\n\n"
@@ -476,17 +481,7 @@ def gguf(info: dict) -> dict:
     )
     swap = g.node("wan22BlockSwap", (0, 300), {"blocks_to_swap": 20, **SWAP_OVERLAP})
     g.connect(loader, "model", swap, "model")
-    _, pos, neg = text_nodes(g, 380, 0)
-    latent = g.node("EmptyHunyuanLatentVideo", (380, 460), {"width": 832, "height": 480, "length": 33})
-    sampler = g.node(
-        "KSampler",
-        (1200, 0),
-        {"seed": 123456789, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple"},
-    )
-    for src, out, name in ((swap, "model", "model"), (pos, 0, "positive"), (neg, 0, "negative")):
-        g.connect(src, out, sampler, name)
-    g.connect(latent, "LATENT", sampler, "latent_image")
-    decode_and_save(g, sampler, "LATENT", 1560, 0, "wan22_blockswap/gguf")
+    text_to_video(g, swap, "model", 380, "wan22_blockswap/gguf")
     g.note(
         (-480, 0),
         "A GGUF WAN model through WAN Model Loader (no other GGUF node pack needed), then WAN 2.2 BlockSwap: "
@@ -652,17 +647,7 @@ def combined_loader(info: dict) -> dict:
     )
     shift = g.node("ModelSamplingSD3", (0, 560), {"shift": 8.0})
     g.connect(loader, "model", shift, "model")
-    _, pos, neg = text_nodes(g, 440, 0)
-    latent = g.node("EmptyHunyuanLatentVideo", (440, 460), {"width": 832, "height": 480, "length": 33})
-    sampler = g.node(
-        "KSampler",
-        (1260, 0),
-        {"seed": 123456789, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple"},
-    )
-    for src, out, name in ((shift, "MODEL", "model"), (pos, 0, "positive"), (neg, 0, "negative")):
-        g.connect(src, out, sampler, name)
-    g.connect(latent, "LATENT", sampler, "latent_image")
-    decode_and_save(g, sampler, "LATENT", 1620, 0, "wan22_blockswap/loader")
+    text_to_video(g, shift, "MODEL", 440, "wan22_blockswap/loader")
     g.note(
         (-480, 0),
         "WAN BlockSwap Model Loader example: the loader and BlockSwap in one node, text to video with WAN 2.1 "

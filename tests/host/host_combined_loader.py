@@ -313,3 +313,26 @@ def test_one_log_line_gives_the_bytes_to_the_gpu_and_to_the_slabs(names, caplog)
 
     assert f"0.0 MiB to the GPU, {format_bytes(slab)} into host slabs of 3 swapped units" in lines[0]
     assert f"(0.0 MiB pinned, {format_bytes(slab)} pageable)" in lines[0]
+
+
+def test_one_progress_bar_counts_every_tensor_read_from_the_file(names, monkeypatch):
+    import comfy.utils
+
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, total, *args, **kwargs):
+            self.total, self.done = total, 0
+            bars.append(self)
+
+        def update(self, value):
+            self.done += value
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.done = value
+
+    monkeypatch.setattr(comfy.utils, "ProgressBar", RecordingBar)
+    model = combined(node_args("fp32", names), blocks_to_swap=3)
+    read = len(model.model.diffusion_model.state_dict())  # every tensor of the file: slabs and the rest
+    (bar,) = [b for b in bars if b.total == read]
+    assert bar.done == bar.total

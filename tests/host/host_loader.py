@@ -484,6 +484,15 @@ def _gguf_of(sd: dict, path: Path) -> Path:
     return path
 
 
+def _write_as(fmt: str, sd: dict, path: Path) -> str:
+    """Write `sd` as a file of `fmt` (safetensors or gguf); return its name in the model folder."""
+    if fmt == "gguf":
+        _gguf_of(sd, path)
+    else:
+        save_file(sd, str(path))
+    return path.name
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
 def test_a_file_missing_tensors_is_refused_naming_them_and_the_detection(model_dir, monkeypatch, fmt):
     """ComfyUI itself loads such a file with an "unet missing" warning and samples uninitialised weights."""
@@ -491,11 +500,7 @@ def test_a_file_missing_tensors_is_refused_naming_them_and_the_detection(model_d
     gone = ["blocks.2.ffn.0.weight", "blocks.1.self_attn.norm_q.weight", "head.head.bias"]
     damaged = {k: v for k, v in sd.items() if k not in gone}
     damaged["blocks.3.cross_attn.k.weihgt"] = damaged.pop("blocks.3.cross_attn.k.weight")  # a renamed one
-    name = f"incomplete.{fmt}"
-    if fmt == "gguf":
-        _gguf_of(damaged, model_dir / name)
-    else:
-        save_file(damaged, str(model_dir / name))
+    name = _write_as(fmt, damaged, model_dir / f"incomplete.{fmt}")
     _refuse_loading(monkeypatch)
     with pytest.raises(ValueError) as refused:
         load_node(fmt, **{f"{fmt}_model": name})
@@ -513,11 +518,7 @@ def test_a_file_with_misshapen_tensors_is_refused_naming_them(model_dir, monkeyp
         :, :128
     ].contiguous()  # (128, 256) -> (128, 128)
     sd["blocks.1.norm3.bias"] = torch.zeros(64)
-    name = f"misshapen.{fmt}"
-    if fmt == "gguf":
-        _gguf_of(sd, model_dir / name)
-    else:
-        save_file(sd, str(model_dir / name))
+    name = _write_as(fmt, sd, model_dir / f"misshapen.{fmt}")
     _refuse_loading(monkeypatch)
     with pytest.raises(ValueError) as refused:
         load_node(fmt, **{f"{fmt}_model": name})

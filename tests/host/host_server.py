@@ -293,12 +293,7 @@ MODEL_FILE_WIDGETS = {
 }  # this server has other files than users
 
 
-def _spec(info: dict, name: str) -> tuple[object, dict]:
-    for section in ("required", "optional"):
-        if name in info["input"].get(section, {}):
-            spec = info["input"][section][name]
-            return spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
-    raise KeyError(name)
+_spec = GEN._spec  # (type, options) of an input in /object_info: a lookup, not the layout logic under test
 
 
 def widget_slots(info: dict, kind: str | None = None) -> list[tuple[str, str]]:
