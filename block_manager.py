@@ -44,6 +44,10 @@ TENSOR_ALIGNMENT = 256
 # (Windows refuses beyond about half of RAM anyway).
 DEFAULT_PINNED_RAM_SHARE = 0.45
 
+# cudaHostRegisterPortable: the pinned range counts as pinned for every CUDA context, not only the current
+# device's (ComfyUI's load device need not be the device current when the slab is built).
+CUDA_HOST_REGISTER_PORTABLE = 1
+
 UnitLoadedCallback = Callable[[str, nn.Module], None]
 
 
@@ -147,6 +151,7 @@ class SwapUnit:
     slab: torch.Tensor | None = None  # uint8 host buffer, built on first attach
     slab_views: list[torch.Tensor] = dataclasses.field(default_factory=list)
     slab_pinned: bool = False
+    pin_failed: bool = False  # CUDA refused to pin this slab: do not try again at every attach
 
     def tensors(self) -> Iterator[tuple[nn.Module, str, bool, torch.Tensor]]:
         """Every parameter and buffer of the unit, once each, with its owning module."""
@@ -388,7 +393,7 @@ def _pin_in_place(buffer: torch.Tensor) -> bool:
     power of two: a 670 MiB block would lock 1 GiB. Registering the plain allocation locks what we use.
     """
     nbytes = buffer.numel()
-    err = _cuda_runtime().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
+    err = _cuda_runtime().cudaHostRegister(buffer.data_ptr(), nbytes, CUDA_HOST_REGISTER_PORTABLE)
     if int(err) != 0:
         _discard_cuda_error()
         log.debug("[BlockSwap] cudaHostRegister of %s failed (error %s)", format_bytes(nbytes), int(err))
@@ -405,6 +410,18 @@ def _unpin(buffer: torch.Tensor) -> None:
     if int(err) != 0:
         _discard_cuda_error()
         log.warning("[BlockSwap] cudaHostUnregister failed (error %s); the slab is freed anyway", int(err))
+
+
+def _remove_identical(items: list[torch.Tensor], item: torch.Tensor) -> None:
+    """Remove `item` itself from `items`, in place (the engine's finalizer holds that very list).
+
+    list.remove compares with ==, which for tensors is elementwise: it allocates a buffer-sized bool
+    tensor and then fails (ambiguous truth value, or a size mismatch) for any entry but the first."""
+    for i, other in enumerate(items):
+        if other is item:
+            del items[i]
+            return
+    raise ValueError("the slab is not in the pinned list")
 
 
 def _release_slabs(pinned: list[torch.Tensor]) -> None:
@@ -809,7 +826,7 @@ class BlockSwapEngine:
         to the tensors that view it. The next attach or park builds fresh slabs from the tensors."""
         self.release()
         for unit in self.order:
-            unit.slab, unit.slab_views, unit.layout, unit.nbytes = None, [], [], 0
+            unit.slab, unit.slab_views, unit.layout, unit.nbytes, unit.pin_failed = None, [], [], 0, False
         self._placement.forget()
         with _PINNED.lock:
             _PINNED.claims.pop(self, None)
@@ -836,9 +853,10 @@ class BlockSwapEngine:
                 joined.append(unit.name)
                 continue
             if unit.slab is not None and unit.slab_pinned:
-                self._pinned_slabs.remove(unit.slab)
+                _remove_identical(self._pinned_slabs, unit.slab)
                 _unpin(unit.slab)
             unit.slab, unit.slab_views, unit.layout, unit.nbytes, unit.slab_pinned = None, [], [], 0, False
+            unit.pin_failed = False
             unit.swapped = False
             left.append(unit.name)
         self.order = [u for u in self.units if u.swapped]
@@ -873,8 +891,9 @@ class BlockSwapEngine:
                 donor.slab_views,
             )
             unit.slab_pinned, donor.slab_pinned = donor.slab_pinned, False
+            unit.pin_failed = donor.pin_failed
             if unit.slab_pinned:
-                other._pinned_slabs.remove(donor.slab)
+                _remove_identical(other._pinned_slabs, donor.slab)
                 self._pinned_slabs.append(unit.slab)
             donor.slab, donor.slab_views, donor.layout, donor.nbytes = None, [], [], 0
             adopted += unit.nbytes
@@ -911,14 +930,16 @@ class BlockSwapEngine:
         for unit in self.order:
             if unit.slab is not None:
                 self._refresh_slab(unit)
+        pin = (
+            self.use_non_blocking and self.compute_device.type == "cuda" and self.offload_device.type == "cpu"
+        )
+        if pin:
+            self._pin_adopted_slabs()
         to_build = [u for u in self.order if u.slab is None]
         if not to_build:
             return
         self._check_ram_for(to_build, sources)
         self._claim_pinned_share()
-        pin = (
-            self.use_non_blocking and self.compute_device.type == "cuda" and self.offload_device.type == "cpu"
-        )
         budget = self._pinned_budget() if pin else 0
         started, pinned_bytes, warned_pin = time.perf_counter(), 0, False
         for done, unit in enumerate(to_build, 1):
@@ -945,6 +966,23 @@ class BlockSwapEngine:
             format_bytes(total - pinned_bytes),
             time.perf_counter() - started,
         )
+
+    def _pin_adopted_slabs(self) -> None:
+        """Pin, within the budget, slabs this plan took over pageable (from a plan made without
+        use_non_blocking, or beyond the budget then): without it their copies could never overlap."""
+        pageable = [u for u in self.order if u.slab is not None and not u.slab_pinned and not u.pin_failed]
+        if not pageable:
+            return
+        self._claim_pinned_share()
+        budget = self._pinned_budget()
+        for unit in pageable:
+            allowed = min(budget - _PINNED.bytes, _PINNED.share(self, budget) - self.pinned_bytes())
+            if unit.nbytes > allowed:
+                continue
+            unit.slab_pinned = _pin_in_place(unit.slab)
+            unit.pin_failed = not unit.slab_pinned
+            if unit.slab_pinned:
+                self._pinned_slabs.append(unit.slab)
 
     def _pinned_budget(self) -> int:
         budget = self.pinned_budget_bytes
@@ -999,6 +1037,7 @@ class BlockSwapEngine:
         _check_views_alias(unit, unit.slab)
         if pin:
             unit.slab_pinned = _pin_in_place(unit.slab)
+            unit.pin_failed = not unit.slab_pinned
             if unit.slab_pinned:
                 self._pinned_slabs.append(unit.slab)
         for (owner, attr, _, t), view in zip(current, unit.slab_views, strict=True):

@@ -661,8 +661,10 @@ class FakeCudart:
     def __init__(self, register_error=0, unregister_error=0):
         self.register_error, self.unregister_error = register_error, unregister_error
         self.registered: dict[int, int] = {}
+        self.flags: list[int] = []
 
     def cudaHostRegister(self, ptr, size, flags):
+        self.flags.append(flags)
         if not self.register_error:
             self.registered[ptr] = size
         return self.register_error
@@ -866,3 +868,96 @@ def test_set_swapped_moves_units_in_and_out_of_the_swapped_set_with_exact_output
         engine.set_swapped(["blocks.0"])
     with pytest.raises(ValueError, match="unknown unit"):
         engine.set_swapped(["blocks.99"])
+
+
+# -- pinned slabs when the swapped set changes (issue 20, items 1, 6 and 10) -------------------------
+
+
+def assert_pins_match(engine, runtime):
+    """The ledger, the engine's own list and CUDA's registrations all name exactly the pinned slabs."""
+    slabs = [u.slab for u in engine.swapped_units if u.slab is not None and u.slab_pinned]
+    assert sorted(runtime.registered) == sorted(s.data_ptr() for s in slabs)
+    assert sorted(id(s) for s in engine._pinned_slabs) == sorted(id(s) for s in slabs)
+    assert bm.pinned_bytes_in_use() == sum(s.numel() for s in slabs) == engine.pinned_bytes()
+
+
+def test_pinned_blocks_that_join_then_leave_are_unpinned_one_by_one(fake_cuda):
+    runtime = fake_cuda()
+    model = sm.build_model("tiny", num_layers=6)
+    engine = gpu_engine(model, 2, pinned_budget_bytes=2**40)
+    engine.park()
+    engine.set_swapped(["blocks.2", "blocks.3", "blocks.4", "blocks.5"])  # auto: more blocks join
+    engine.park()
+    assert_pins_match(engine, runtime)
+    assert len(runtime.registered) == 4
+    # ... and leave again: blocks.2 and blocks.3 sit behind blocks.4 and blocks.5 in the pinned list.
+    assert engine.set_swapped(["blocks.5"]) == ([], ["blocks.2", "blocks.3", "blocks.4"])
+    assert_pins_match(engine, runtime)
+    assert len(runtime.registered) == 1
+    engine.release()
+    assert runtime.registered == {} and bm.pinned_bytes_in_use() == 0
+
+
+def test_a_block_leaves_while_the_text_embedding_is_swapped_and_pinned(fake_cuda):
+    runtime = fake_cuda()
+    model = sm.build_model("tiny", num_layers=6)
+    inputs = sm.example_inputs(model)
+    reference = model(**inputs)
+    engine = gpu_engine(model, 3, offload_txt_emb=True, pinned_budget_bytes=2**40)
+    engine.park()  # the embedding's slab is first in the pinned list and of another size
+    assert engine.set_swapped(["text_embedding", "blocks.5"]) == ([], ["blocks.3", "blocks.4"])
+    assert_pins_match(engine, runtime)
+    assert len(runtime.registered) == 2
+    engine.compute_device = torch.device("cpu")  # run it on CPU: the same slabs must hold the weights
+    with engine.attached():
+        assert torch.equal(model(**inputs), reference)
+    engine.release()
+    assert runtime.registered == {}
+
+
+def test_pinned_slabs_are_adopted_across_swap_sets(fake_cuda):
+    runtime = fake_cuda()
+    model = sm.build_model("tiny", num_layers=6)
+    first = gpu_engine(model, 5, pinned_budget_bytes=2**40)
+    first.park()
+    second = gpu_engine(model, 2, pinned_budget_bytes=2**40)  # blocks 4 and 5: last in first's list
+    assert second.adopt_slabs(first) == sum(u.nbytes for u in second.swapped_units)
+    assert second.pinned_bytes() == sum(u.nbytes for u in second.swapped_units)
+    assert sorted(id(s) for s in second._pinned_slabs) == sorted(id(u.slab) for u in second.swapped_units)
+    assert not any(s is u.slab for s in first._pinned_slabs for u in second.swapped_units)
+    first.forget_slabs()  # unpins blocks 1-3 only
+    assert_pins_match(second, runtime)
+    second.release()
+    assert runtime.registered == {} and bm.pinned_bytes_in_use() == 0
+
+
+def test_adopted_pageable_slabs_are_pinned_within_the_budget(fake_cuda):
+    runtime = fake_cuda()
+    model = sm.build_model("tiny", num_layers=6)
+    first = make_engine(model, 4, prefetch=1, compute_device="cuda", use_non_blocking=False)
+    first.park()
+    assert first.pinned_bytes() == 0
+    second = gpu_engine(model, 3, pinned_budget_bytes=2**40)
+    second.adopt_slabs(first)
+    first.forget_slabs()
+    second.park()
+    assert second.pinned_bytes() == sum(u.nbytes for u in second.swapped_units)
+    assert_pins_match(second, runtime)
+    second.release()
+    # Within the budget only: a budget of one slab pins one of the adopted slabs, the rest stay pageable.
+    third = gpu_engine(model, 3, pinned_budget_bytes=second.swapped_units[0].nbytes)
+    third.adopt_slabs(second)
+    second.forget_slabs()
+    third.park()
+    assert third.pinned_bytes() == third.swapped_units[0].nbytes
+    assert_pins_match(third, runtime)
+    third.release()
+
+
+def test_slabs_are_pinned_portable_for_any_device(fake_cuda):
+    """cudaHostRegisterPortable (1): the load device need not be the current device when we pin."""
+    runtime = fake_cuda()
+    engine = gpu_engine(sm.build_model("tiny", num_layers=4), 2, pinned_budget_bytes=2**40)
+    engine.park()
+    assert runtime.flags == [1, 1]
+    engine.release()

@@ -174,3 +174,54 @@ def test_a_timed_run_measures_copies_and_the_swapped_units_compute(model):
         model(**inputs)
     assert engine.last_run.copies == 0  # the next run is not timed
     engine.release()
+
+
+def _pinned_as_recorded(engine):
+    """Every pinned slab is page-locked for CUDA, every other one is not, and the ledger agrees."""
+    for unit in engine.swapped_units:
+        assert unit.slab.is_pinned() == unit.slab_pinned, unit.name
+    assert engine.pinned_bytes() == sum(u.slab.numel() for u in engine.swapped_units if u.slab_pinned)
+
+
+def test_cuda_pinned_blocks_join_then_leave_with_the_text_embedding_swapped(model):
+    """auto_blocks_to_swap with offload_txt_emb: the embedding's slab is first in the pinned list."""
+    inputs = sm.example_inputs(model, tokens=256, vace_contexts=1)
+    reference = reference_output(model, inputs)
+    before = bm.pinned_bytes_in_use()
+    engine = engine_for(model, 2, 1, True, offload_txt_emb=True)
+    names = [u.name for u in engine.units]
+    for swap in (["blocks.4", "blocks.5", "blocks.6", "blocks.7"], ["blocks.7"]):
+        with engine.attached(), torch.inference_mode():
+            assert torch.equal(model(**inputs), reference)
+        engine.set_swapped(
+            ["text_embedding", *swap, *[n for n in names if n.startswith("vace_blocks.")][-1:]]
+        )
+        _pinned_as_recorded(engine)
+    with engine.attached(), torch.inference_mode():
+        assert torch.equal(model(**inputs), reference)
+    _pinned_as_recorded(engine)
+    engine.release()
+    assert bm.pinned_bytes_in_use() == before
+
+
+def test_cuda_slabs_adopted_across_swap_sets_stay_pinned_and_pageable_ones_get_pinned(model):
+    inputs = sm.example_inputs(model, tokens=256, vace_contexts=1)
+    reference = reference_output(model, inputs)
+    before = bm.pinned_bytes_in_use()
+    pageable = engine_for(model, 6, 1, False)  # use_non_blocking off: its slabs are never pinned
+    pageable.park()
+    pinned = engine_for(model, 4, 1, True)
+    pinned.adopt_slabs(pageable)
+    pageable.forget_slabs()
+    with pinned.attached(), torch.inference_mode():
+        assert torch.equal(model(**inputs), reference)
+    assert pinned.pinned_bytes() == sum(u.nbytes for u in pinned.swapped_units)
+    _pinned_as_recorded(pinned)
+    fewer = engine_for(model, 2, 1, True)  # the last two of pinned's blocks, behind others in its list
+    fewer.adopt_slabs(pinned)
+    pinned.forget_slabs()
+    with fewer.attached(), torch.inference_mode():
+        assert torch.equal(model(**inputs), reference)
+    _pinned_as_recorded(fewer)
+    fewer.release()
+    assert bm.pinned_bytes_in_use() == before
