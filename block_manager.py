@@ -19,152 +19,47 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
-import threading
-import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .config import check_choice, check_int
+from .host_memory import (  # noqa: F401  (re-exported: the engine's public names for hosts and tests)
+    DEFAULT_PINNED_RAM_SHARE,
+    HostMemoryError,
+    HostSlabs,
+    available_ram,
+    default_pinned_budget,
+    pinned_bytes_in_use,
+)
+from .tensor_layout import (  # noqa: F401  (re-exported, as above)
+    TENSOR_ALIGNMENT,
+    ByteRange,
+    SwapUnit,
+    TensorSpec,
+    _check_movable,
+    _layout_size,
+    _leaves,
+    _set_tensor,
+    _view,
+    bind,
+    inner_tensors,
+    is_wrapper_tensor,
+    plain_tensor,
+    tensor_nbytes,
+)
 from .utils import format_bytes
 
 log = logging.getLogger(__name__)
 
-# Offsets of tensors inside a slab (and the identical slot layout) are rounded up to this, so every
-# view starts where the CUDA caching allocator would start a fresh tensor: kernels see the same
-# alignment as with the unswapped model and produce bit-identical results.
-TENSOR_ALIGNMENT = 256
-
-# Page-locked memory is not swappable; pinning more than this share of physical RAM starves the OS
-# (Windows refuses beyond about half of RAM anyway).
-DEFAULT_PINNED_RAM_SHARE = 0.45
-
-# cudaHostRegisterPortable: the pinned range counts as pinned for every CUDA context, not only the current
-# device's (ComfyUI's load device need not be the device current when the slab is built).
-CUDA_HOST_REGISTER_PORTABLE = 1
-
 UnitLoadedCallback = Callable[[str, nn.Module], None]
-
-
-def _align(n: int, alignment: int = TENSOR_ALIGNMENT) -> int:
-    return (n + alignment - 1) // alignment * alignment
-
-
-def plain_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A plain torch.Tensor aliasing t's storage, whatever subclass t is.
-
-    Quantized tensor subclasses (GGUF) override shape, .to() or copy_; the engine moves their raw
-    bytes, so it looks at the storage through a plain alias.
-    """
-    with torch._C.DisableTorchFunctionSubclass():
-        alias = torch.empty(0, dtype=t.dtype, device=t.device)
-        return alias.set_(t.untyped_storage(), t.storage_offset(), torch.Tensor.size(t), t.stride())
-
-
-def is_wrapper_tensor(t: torch.Tensor) -> bool:
-    """A wrapper tensor subclass (comfy_kitchen's QuantizedTensor for fp8_scaled / mixed-precision
-    weights): it reports a logical dtype and shape while its bytes live in inner tensors that
-    ``__tensor_flatten__`` names. Its own "storage" is not its data: never alias or copy it directly."""
-    return is_traceable_wrapper_subclass(t)
-
-
-def inner_tensors(t: torch.Tensor) -> list[tuple[str | None, torch.Tensor]]:
-    """The plain tensors that hold t's bytes: (None, t) for an ordinary tensor, one entry per inner
-    tensor of a wrapper subclass."""
-    if not is_wrapper_tensor(t):
-        return [(None, t)]
-    names, _ctx = t.__tensor_flatten__()
-    return [(name, getattr(t, name)) for name in names]
-
-
-def tensor_nbytes(t: torch.Tensor) -> int:
-    """Bytes t really occupies (a wrapper's inner tensors, not its logical dtype and shape)."""
-    return sum(torch.Tensor.numel(part) * part.element_size() for _, part in inner_tensors(t))
-
-
-def _set_tensor(owner: nn.Module, attr: str, is_param: bool, value: torch.Tensor) -> None:
-    """Point a parameter or buffer at new storage without replacing the Parameter object.
-
-    Keeping the object keeps everything that refers to it valid (optimizers don't matter here, but
-    ComfyUI's accounting, LoRA backups and tensor-subclass attributes such as a GGUF quant type do).
-    A wrapper subclass has no storage of its own to re-point: the wrapper built around the new inner
-    views takes the old one's place.
-    """
-    if not is_param:
-        owner._buffers[attr] = value
-    elif is_wrapper_tensor(value):
-        owner._parameters[attr] = value
-    else:
-        owner._parameters[attr].data = value
 
 
 # ----------------------------------------------------------------------------------------------
 # Plan
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ByteRange:
-    """One plain tensor's bytes inside a slab (and inside any device slot)."""
-
-    name: str | None  # the inner tensor's attribute in a wrapper subclass; None for a plain tensor
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: torch.Size
-    stride: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """Where one parameter or buffer of a unit lives inside its slab (and inside any device slot).
-
-    A plain tensor is one byte range; a wrapper subclass is one range per inner tensor, plus what its
-    ``__tensor_unflatten__`` needs to build the same wrapper around views of them.
-    """
-
-    owner: nn.Module
-    attr: str
-    is_param: bool
-    ranges: tuple[ByteRange, ...]
-    wrapper: tuple[type, object, torch.Size, tuple[int, ...]] | None = None  # (class, ctx, size, stride)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.ranges)
-
-
-@dataclasses.dataclass(eq=False)
-class SwapUnit:
-    """One module the engine manages: a transformer block, a VACE block, an embedding."""
-
-    name: str
-    module: nn.Module
-    swapped: bool
-    layout: list[TensorSpec] = dataclasses.field(default_factory=list)
-    nbytes: int = 0  # slab size including alignment padding
-    slab: torch.Tensor | None = None  # uint8 host buffer, built on first attach
-    slab_views: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    slab_pinned: bool = False
-    pin_failed: bool = False  # CUDA refused to pin this slab: do not try again at every attach
-
-    def tensors(self) -> Iterator[tuple[nn.Module, str, bool, torch.Tensor]]:
-        """Every parameter and buffer of the unit, once each, with its owning module."""
-        for module in self.module.modules():
-            for attr, p in module._parameters.items():
-                if p is not None:
-                    yield module, attr, True, p
-            for attr, b in module._buffers.items():
-                if b is not None:
-                    yield module, attr, False, b
-
-    def param_bytes(self) -> int:
-        return sum(tensor_nbytes(t) for *_, t in self.tensors())
 
 
 @dataclasses.dataclass
@@ -314,126 +209,6 @@ class CudaStreamTransport:
             stats.copies, stats.computes = len(self._copy_events), len(self._compute_events)
         stats.peak_allocated = torch.cuda.max_memory_allocated(self.device)
         return stats
-
-
-# ----------------------------------------------------------------------------------------------
-# Pinned host memory
-# ----------------------------------------------------------------------------------------------
-
-
-class _PinnedLedger:
-    """Process-wide count of bytes this pack has page-locked, and the engines that share the budget.
-
-    Each live engine claims its swapped bytes when it is made; an engine may pin up to its claim's share
-    of the budget, so the second expert of a WAN 2.2 high/low pair is not left with pageable slabs
-    because the first one took everything. A claim ends when the engine gives up its slabs or dies.
-    """
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.bytes = 0
-        self.claims: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
-
-    def share(self, engine: object, budget: int) -> int:
-        total = sum(self.claims.values())
-        claim = self.claims.get(engine, 0)
-        return budget if total <= 0 else budget * claim // total
-
-
-_PINNED = _PinnedLedger()
-
-
-def pinned_bytes_in_use() -> int:
-    return _PINNED.bytes
-
-
-def default_pinned_budget() -> int:
-    try:
-        import psutil
-
-        total = psutil.virtual_memory().total
-    except Exception:  # psutil missing or unreadable: pin nothing rather than guess
-        return 0
-    return int(total * DEFAULT_PINNED_RAM_SHARE)
-
-
-def available_ram() -> int | None:
-    """Bytes of RAM the OS can give this process now without swapping (None if unknown)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:
-        return None
-
-
-def _cuda_runtime():
-    """CUDA's runtime API as torch exposes it (a seam: tests put a fake here)."""
-    return torch.cuda.cudart()
-
-
-def _discard_cuda_error() -> None:
-    """Clear the error a failed cudaHostRegister/Unregister leaves behind.
-
-    The runtime keeps it as the thread's last error, and the next kernel launch would report it as its
-    own failure. torch exposes no cudaGetLastError; a tiny kernel plus a synchronize surfaces the
-    pending error once, which clears it (the failure itself was already seen in the return code).
-    """
-    try:
-        torch.ones(1, device="cuda").add_(1)
-        torch.cuda.synchronize()
-    except RuntimeError:  # torch.AcceleratorError: the stale error, now consumed
-        pass
-
-
-def _pin_in_place(buffer: torch.Tensor) -> bool:
-    """Page-lock exactly buffer's bytes (cudaHostRegister); False (and CUDA's error cleared) on failure.
-
-    torch's pin_memory() goes through the caching host allocator, which rounds each block up to a
-    power of two: a 670 MiB block would lock 1 GiB. Registering the plain allocation locks what we use.
-    """
-    nbytes = buffer.numel()
-    err = _cuda_runtime().cudaHostRegister(buffer.data_ptr(), nbytes, CUDA_HOST_REGISTER_PORTABLE)
-    if int(err) != 0:
-        _discard_cuda_error()
-        log.debug("[BlockSwap] cudaHostRegister of %s failed (error %s)", format_bytes(nbytes), int(err))
-        return False
-    with _PINNED.lock:
-        _PINNED.bytes += nbytes
-    return True
-
-
-def _unpin(buffer: torch.Tensor) -> None:
-    err = _cuda_runtime().cudaHostUnregister(buffer.data_ptr())
-    with _PINNED.lock:
-        _PINNED.bytes -= buffer.numel()
-    if int(err) != 0:
-        _discard_cuda_error()
-        log.warning("[BlockSwap] cudaHostUnregister failed (error %s); the slab is freed anyway", int(err))
-
-
-def _remove_identical(items: list[torch.Tensor], item: torch.Tensor) -> None:
-    """Remove `item` itself from `items`, in place (the engine's finalizer holds that very list).
-
-    list.remove compares with ==, which for tensors is elementwise: it allocates a buffer-sized bool
-    tensor and then fails (ambiguous truth value, or a size mismatch) for any entry but the first."""
-    for i, other in enumerate(items):
-        if other is item:
-            del items[i]
-            return
-    raise ValueError("the slab is not in the pinned list")
-
-
-def _release_slabs(pinned: list[torch.Tensor]) -> None:
-    # Runs at release() or when the engine is garbage-collected. Holding the buffers until after the
-    # unregister keeps their memory valid while it is still registered; parameters that still view
-    # the slabs keep them alive afterwards as ordinary pageable memory.
-    while pinned:
-        _unpin(pinned.pop())
-
-
-class HostMemoryError(MemoryError):
-    """The host slabs of a plan would not fit in the RAM that is free: raised before any is built."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,9 +439,15 @@ class BlockSwapEngine:
         self.last_run: RunStats | None = None
         self._run: _Run | None = None
         self.time_next_run = False  # CUDA events on the next run's copies and swapped units (as in debug)
-        self._pinned_slabs: list[torch.Tensor] = []
+        # The host tier: slabs, pinning within the shared budget, RAM checks.
+        self.host = HostSlabs(
+            self.offload_device,
+            pinned_budget_bytes,
+            self.counters,
+            on_slab_built=on_slab_built,
+            remember_home=self._placement.remember_home,
+        )
         self._described = False
-        self._finalizer = weakref.finalize(self, _release_slabs, self._pinned_slabs)
         self._claim_pinned_share()
 
     # -- validation ----------------------------------------------------------------------------
@@ -731,7 +512,7 @@ class BlockSwapEngine:
         return self.num_slots() * largest
 
     def pinned_bytes(self) -> int:
-        return sum(u.slab.numel() for u in self.order if u.slab is not None and u.slab_pinned)
+        return self.host.pinned_bytes(self.order)
 
     def describe(self) -> list[str]:
         """The plan in the words of the debug output, one line each (logged on attach in debug mode)."""
@@ -804,9 +585,7 @@ class BlockSwapEngine:
     def release(self) -> None:
         """End of the plan: detach and unpin the slabs. Tensors stay valid (pageable host memory)."""
         self.detach()
-        _release_slabs(self._pinned_slabs)
-        for unit in self.order:
-            unit.slab_pinned = False
+        self.host.release(self.order)
 
     def park(self, sources: Mapping[int, torch.Tensor] | None = None) -> None:
         """Put every swapped unit into its host slab now (built on first use), without a run.
@@ -825,11 +604,8 @@ class BlockSwapEngine:
         """Give up the slabs (another plan takes over the module): detach, unpin, and leave the memory
         to the tensors that view it. The next attach or park builds fresh slabs from the tensors."""
         self.release()
-        for unit in self.order:
-            unit.slab, unit.slab_views, unit.layout, unit.nbytes, unit.pin_failed = None, [], [], 0, False
+        self.host.forget(self.order)
         self._placement.forget()
-        with _PINNED.lock:
-            _PINNED.claims.pop(self, None)
 
     def set_swapped(self, names: Iterable[str]) -> tuple[list[str], list[str]]:
         """Change which units are swapped (between runs). Returns (joined, left) unit names.
@@ -852,11 +628,7 @@ class BlockSwapEngine:
                 unit.swapped = True
                 joined.append(unit.name)
                 continue
-            if unit.slab is not None and unit.slab_pinned:
-                _remove_identical(self._pinned_slabs, unit.slab)
-                _unpin(unit.slab)
-            unit.slab, unit.slab_views, unit.layout, unit.nbytes, unit.slab_pinned = None, [], [], 0, False
-            unit.pin_failed = False
+            self.host.drop(unit)
             unit.swapped = False
             left.append(unit.name)
         self.order = [u for u in self.units if u.swapped]
@@ -884,26 +656,14 @@ class BlockSwapEngine:
                 continue
             if [(t.owner, t.attr) for t in donor.layout] != [(o, a) for o, a, _, _ in unit.tensors()]:
                 continue  # the module's tensors changed since the donor built its slab
-            unit.layout, unit.nbytes, unit.slab, unit.slab_views = (
-                donor.layout,
-                donor.nbytes,
-                donor.slab,
-                donor.slab_views,
-            )
-            unit.slab_pinned, donor.slab_pinned = donor.slab_pinned, False
-            unit.pin_failed = donor.pin_failed
-            if unit.slab_pinned:
-                _remove_identical(other._pinned_slabs, donor.slab)
-                self._pinned_slabs.append(unit.slab)
-            donor.slab, donor.slab_views, donor.layout, donor.nbytes = None, [], [], 0
+            self.host.take_over(unit, donor, other.host)
             adopted += unit.nbytes
         self._claim_pinned_share()
         return adopted
 
     def _claim_pinned_share(self) -> None:
         if self.use_non_blocking and self.order:
-            with _PINNED.lock:
-                _PINNED.claims[self] = sum(_layout_size(u) for u in self.order)
+            self.host.claim(self.order)
 
     def _teardown(self) -> None:
         run, self._run = self._run, None
@@ -924,153 +684,12 @@ class BlockSwapEngine:
     # -- slabs ---------------------------------------------------------------------------------
 
     def _ensure_slabs(self, sources: Mapping[int, torch.Tensor] | None = None) -> None:
-        """Every swapped unit in its slab: built on first use, refreshed where a tensor was re-pointed
-        since (a host that replaced a weight); untouched units cost nothing."""
-        sources = sources or {}
-        for unit in self.order:
-            if unit.slab is not None:
-                self._refresh_slab(unit)
+        """Every swapped unit in its host slab (see `HostSlabs.ensure`)."""
         pin = (
             self.use_non_blocking and self.compute_device.type == "cuda" and self.offload_device.type == "cpu"
         )
-        if pin:
-            self._pin_adopted_slabs()
-        to_build = [u for u in self.order if u.slab is None]
-        if not to_build:
-            return
-        self._check_ram_for(to_build, sources)
         self._claim_pinned_share()
-        budget = self._pinned_budget() if pin else 0
-        started, pinned_bytes, warned_pin = time.perf_counter(), 0, False
-        for done, unit in enumerate(to_build, 1):
-            allowed = min(budget - _PINNED.bytes, _PINNED.share(self, budget) - self.pinned_bytes())
-            if self._build_slab(unit, pin and _layout_size(unit) <= allowed, sources):
-                pinned_bytes += unit.nbytes
-            elif pin and not warned_pin:
-                warned_pin = True
-                log.warning(
-                    "[BlockSwap] Pinned-memory budget (%s for this model of %s for all) reached or pinning "
-                    "failed at %s: remaining swapped units use pageable RAM, so their copies cannot overlap compute",
-                    format_bytes(max(_PINNED.share(self, budget), 0)),
-                    format_bytes(budget),
-                    unit.name,
-                )
-            if self.on_slab_built is not None:
-                self.on_slab_built(done, len(to_build))
-        total = sum(u.nbytes for u in to_build)
-        log.info(
-            "[BlockSwap] Host copies of %d swapped units built: %s (%s pinned, %s pageable) in %.2f s",
-            len(to_build),
-            format_bytes(total),
-            format_bytes(pinned_bytes),
-            format_bytes(total - pinned_bytes),
-            time.perf_counter() - started,
-        )
-
-    def _pin_adopted_slabs(self) -> None:
-        """Pin, within the budget, slabs this plan took over pageable (from a plan made without
-        use_non_blocking, or beyond the budget then): without it their copies could never overlap."""
-        pageable = [u for u in self.order if u.slab is not None and not u.slab_pinned and not u.pin_failed]
-        if not pageable:
-            return
-        self._claim_pinned_share()
-        budget = self._pinned_budget()
-        for unit in pageable:
-            allowed = min(budget - _PINNED.bytes, _PINNED.share(self, budget) - self.pinned_bytes())
-            if unit.nbytes > allowed:
-                continue
-            unit.slab_pinned = _pin_in_place(unit.slab)
-            unit.pin_failed = not unit.slab_pinned
-            if unit.slab_pinned:
-                self._pinned_slabs.append(unit.slab)
-
-    def _pinned_budget(self) -> int:
-        budget = self.pinned_budget_bytes
-        if callable(budget):
-            budget = budget()
-        return max(int(default_pinned_budget() if budget is None else budget), 0)
-
-    def _check_ram_for(
-        self, units: list[SwapUnit], sources: Mapping[int, torch.Tensor] | None = None
-    ) -> None:
-        """Refuse, before copying anything, slabs the free RAM cannot hold.
-
-        A unit whose tensors are in CPU RAM frees them as its slab takes over (the parameters are the only
-        owners), so it needs one unit of headroom at a time; a unit that sits on another device (a model
-        created on the GPU) or is read from sources (its tensors were never filled, so freeing them returns
-        nothing) needs its whole slab in new RAM.
-        """
-        sources = sources or {}
-        free = available_ram()
-        if free is None or self.offload_device.type != "cpu":
-            return
-        sizes = [_layout_size(u) for u in units]
-        elsewhere = sum(
-            size
-            for size, u in zip(sizes, units, strict=True)
-            if any(t.device.type != "cpu" or id(t) in sources for *_, t in u.tensors())
-        )
-        needed = elsewhere + max(sizes)
-        if needed <= free:
-            return
-        largest = max(sizes)
-        fits = sum(1 for _ in itertools.takewhile(lambda total: total <= free, itertools.accumulate(sizes)))
-        raise HostMemoryError(
-            f"[BlockSwap] Not enough free RAM for the swapped blocks' host copies: {format_bytes(needed)} needed, "
-            f"{format_bytes(free)} available. What would fit: at most {max(fits - 1, 0)} swapped units of up to "
-            f"{format_bytes(largest)} each, or a smaller file format (fp8 weights take half of bf16; GGUF Q8_0 "
-            "about 53 %, Q4_K about 28 %), or closing what else uses RAM."
-        )
-
-    def _build_slab(
-        self, unit: SwapUnit, pin: bool, sources: Mapping[int, torch.Tensor] | None = None
-    ) -> bool:
-        """Copy the unit into one new contiguous host buffer and point its tensors at it. True if pinned.
-
-        A tensor listed in `sources` is filled from its source instead of from itself."""
-        sources = sources or {}
-        current = list(unit.tensors())
-        unit.layout, unit.nbytes = _layout(current)
-        self._placement.remember_home(unit, current[0][3].device if current else self.offload_device)
-        unit.slab = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.offload_device)
-        unit.slab_views = [_view(unit.slab, spec) for spec in unit.layout]
-        _check_views_alias(unit, unit.slab)
-        if pin:
-            unit.slab_pinned = _pin_in_place(unit.slab)
-            unit.pin_failed = not unit.slab_pinned
-            if unit.slab_pinned:
-                self._pinned_slabs.append(unit.slab)
-        for (owner, attr, _, t), view in zip(current, unit.slab_views, strict=True):
-            source = sources.get(id(t))
-            if source is None:
-                _copy_bytes(view, t)
-                continue
-            if is_wrapper_tensor(t) or tuple(source.shape) != tuple(torch.Tensor.size(t)):
-                raise ValueError(
-                    f"{unit.name}: the source given for {type(owner).__name__}.{attr} has shape "
-                    f"{tuple(source.shape)}, the tensor {tuple(torch.Tensor.size(t))}"
-                    + (" and is a wrapper subclass" if is_wrapper_tensor(t) else "")
-                )
-            with torch.no_grad():
-                plain_tensor(view).copy_(source)
-            self.counters.slab_tensors_from_sources += 1
-            self.counters.slab_bytes_from_sources += tensor_nbytes(source)
-        self._bind(unit, unit.slab_views)
-        self.counters.slabs_built += 1
-        self.counters.slab_bytes_built += unit.nbytes
-        return unit.slab_pinned
-
-    def _refresh_slab(self, unit: SwapUnit) -> None:
-        """Copy into the slab only the tensors that no longer view it, then bind the unit to it again."""
-        stale = [
-            (t, view)
-            for (*_, t), view in zip(unit.tensors(), unit.slab_views, strict=True)
-            if [leaf.data_ptr() for leaf in _leaves(t)] != [leaf.data_ptr() for leaf in _leaves(view)]
-        ]
-        for t, view in stale:
-            _copy_bytes(view, t)
-        if stale:
-            self._bind(unit, unit.slab_views)
+        self.host.ensure(self.order, pin, sources)
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -1166,10 +785,7 @@ class BlockSwapEngine:
         self.counters.copies += 1
         self.counters.bytes_copied += unit.nbytes
 
-    @staticmethod
-    def _bind(unit: SwapUnit, views: list[torch.Tensor]) -> None:
-        for spec, view in zip(unit.layout, views, strict=True):
-            _set_tensor(spec.owner, spec.attr, spec.is_param, view)
+    _bind = staticmethod(bind)
 
     def _log_run_summary(self) -> None:
         c, stats = self.counters, self.last_run
@@ -1188,85 +804,8 @@ class BlockSwapEngine:
 
 
 # ----------------------------------------------------------------------------------------------
-# Layout helpers
+# Plan summary
 # ----------------------------------------------------------------------------------------------
-
-
-def _layout(tensors: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> tuple[list[TensorSpec], int]:
-    """Where each tensor goes in a slab (and in any slot), and the slab's size."""
-    layout, offset = [], 0
-    for owner, attr, is_param, t in tensors:
-        ranges = []
-        for name, part in inner_tensors(t):
-            nbytes = torch.Tensor.numel(part) * part.element_size()
-            ranges.append(ByteRange(name, offset, nbytes, part.dtype, torch.Tensor.size(part), part.stride()))
-            offset = _align(offset + nbytes)
-        wrapper = None
-        if is_wrapper_tensor(t):
-            _names, ctx = t.__tensor_flatten__()
-            wrapper = (type(t), ctx, t.size(), t.stride())
-        layout.append(TensorSpec(owner, attr, is_param, tuple(ranges), wrapper))
-    return layout, offset
-
-
-def _layout_size(unit: SwapUnit) -> int:
-    """The unit's slab size, also before its slab exists (a host reserves slot memory at load time)."""
-    return unit.nbytes or _layout(list(unit.tensors()))[1]
-
-
-def _range_view(buffer: torch.Tensor, r: ByteRange) -> torch.Tensor:
-    raw = buffer[r.offset : r.offset + r.nbytes]
-    return raw.view(r.dtype).as_strided(r.shape, r.stride)
-
-
-def _view(buffer: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
-    """The tensor `spec` describes, with its bytes in `buffer` (a slab or a slot)."""
-    if spec.wrapper is None:
-        return _range_view(buffer, spec.ranges[0])
-    cls, ctx, size, stride = spec.wrapper
-    inner = {r.name: _range_view(buffer, r) for r in spec.ranges}
-    rebuilt = cls.__tensor_unflatten__(inner, ctx, size, stride)
-    if spec.is_param:
-        # What nn.Parameter(wrapper) marks; Parameter() itself would detach, and a wrapper's detach may
-        # copy its inner tensors (QuantizedTensor clones its scale) out of the slab.
-        rebuilt._is_param = True
-    return rebuilt
-
-
-def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
-    """Plain aliases of the tensors that hold t's bytes (see `inner_tensors`)."""
-    return [plain_tensor(part) for _, part in inner_tensors(t)]
-
-
-def _check_movable(unit: SwapUnit) -> None:
-    """Refuse, before anything is touched, a tensor whose bytes the engine cannot move: a wrapper
-    subclass whose inner tensors are wrappers again."""
-    for owner, attr, _, t in unit.tensors():
-        for name, part in inner_tensors(t):
-            if name is not None and is_wrapper_tensor(part):
-                raise ValueError(
-                    f"{unit.name}: {type(owner).__name__}.{attr} is a {type(t).__name__} whose inner tensor "
-                    f"{name!r} is itself a {type(part).__name__}: the engine cannot swap this layout; keep "
-                    "this block resident (fewer blocks_to_swap) or load the model in another format"
-                )
-
-
-def _check_views_alias(unit: SwapUnit, buffer: torch.Tensor) -> None:
-    """Every rebuilt view must keep its bytes in `buffer`; a wrapper that copies its inner tensors when it
-    is rebuilt would silently read stale data from elsewhere."""
-    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
-    for spec, view in zip(unit.layout, unit.slab_views, strict=True):
-        if not all(start <= leaf.data_ptr() < end for leaf in _leaves(view)):
-            raise ValueError(
-                f"{unit.name}: {type(spec.owner).__name__}.{spec.attr} ({type(view).__name__}) does not keep "
-                "its bytes in the views it is rebuilt from, so it cannot be swapped; keep this block resident"
-            )
-
-
-def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy src's bytes into dst (same layout), tensor by inner tensor, without any subclass logic."""
-    for to, frm in zip(_leaves(dst), _leaves(src), strict=True):
-        to.copy_(frm)
 
 
 def _group_units(units: list[SwapUnit]) -> dict[str, list[SwapUnit]]:

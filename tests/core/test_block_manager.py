@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from wan22_blockswap import block_manager as bm
+from wan22_blockswap import host_memory as hm
 from wan22_blockswap.bench import synthetic_model as sm
 from wan22_blockswap.wan import units as wu
 
@@ -642,8 +643,8 @@ def test_wan_model_recognition(models):
 def test_default_pinned_budget_is_the_share_quoted_in_the_tooltip():
     import psutil
 
-    assert bm.DEFAULT_PINNED_RAM_SHARE == 0.45
-    assert bm.default_pinned_budget() == int(psutil.virtual_memory().total * 0.45)
+    assert hm.DEFAULT_PINNED_RAM_SHARE == 0.45
+    assert hm.default_pinned_budget() == int(psutil.virtual_memory().total * 0.45)
     # Without a GPU nothing is pinned, whatever the setting.
     model = sm.build_model("tiny", num_layers=4)
     engine = make_engine(model, 2, prefetch=1, use_non_blocking=True)
@@ -681,8 +682,8 @@ def fake_cuda(monkeypatch):
     def install(**errors):
         runtime = FakeCudart(**errors)
         runtime.discarded = []
-        monkeypatch.setattr(bm, "_cuda_runtime", lambda: runtime)
-        monkeypatch.setattr(bm, "_discard_cuda_error", lambda: runtime.discarded.append(True))
+        monkeypatch.setattr(hm, "_cuda_runtime", lambda: runtime)
+        monkeypatch.setattr(hm, "_discard_cuda_error", lambda: runtime.discarded.append(True))
         return runtime
 
     return install
@@ -744,7 +745,7 @@ def test_slabs_that_do_not_fit_in_free_ram_are_refused_before_any_is_built(model
     engine = make_engine(model, 3)
     before = snapshot(model)
     params_before = [id(p) for p in model.parameters()]
-    monkeypatch.setattr(bm, "available_ram", lambda: 1000)
+    monkeypatch.setattr(hm, "available_ram", lambda: 1000)
     with pytest.raises(
         bm.HostMemoryError, match=r"Not enough free RAM .* needed, 1000\.0 B|Not enough free RAM"
     ):
@@ -820,7 +821,7 @@ def test_free_ram_for_source_filled_slabs_counts_every_slab(models, monkeypatch)
     model = sm.build_model("tiny", num_layers=4)
     engine = make_engine(model, 3)
     sizes = [bm._layout_size(u) for u in engine.swapped_units]
-    monkeypatch.setattr(bm, "available_ram", lambda: sum(sizes) - 1)
+    monkeypatch.setattr(hm, "available_ram", lambda: sum(sizes) - 1)
     engine.park()  # from the tensors themselves: one slab of headroom at a time is enough
     fresh = make_engine(sm.build_model("tiny", num_layers=4), 3)
     sources = {id(t): t.detach().clone() for u in fresh.swapped_units for *_, t in u.tensors()}
@@ -877,7 +878,7 @@ def assert_pins_match(engine, runtime):
     """The ledger, the engine's own list and CUDA's registrations all name exactly the pinned slabs."""
     slabs = [u.slab for u in engine.swapped_units if u.slab is not None and u.slab_pinned]
     assert sorted(runtime.registered) == sorted(s.data_ptr() for s in slabs)
-    assert sorted(id(s) for s in engine._pinned_slabs) == sorted(id(s) for s in slabs)
+    assert sorted(id(s) for s in engine.host.pinned) == sorted(id(s) for s in slabs)
     assert bm.pinned_bytes_in_use() == sum(s.numel() for s in slabs) == engine.pinned_bytes()
 
 
@@ -923,8 +924,8 @@ def test_pinned_slabs_are_adopted_across_swap_sets(fake_cuda):
     second = gpu_engine(model, 2, pinned_budget_bytes=2**40)  # blocks 4 and 5: last in first's list
     assert second.adopt_slabs(first) == sum(u.nbytes for u in second.swapped_units)
     assert second.pinned_bytes() == sum(u.nbytes for u in second.swapped_units)
-    assert sorted(id(s) for s in second._pinned_slabs) == sorted(id(u.slab) for u in second.swapped_units)
-    assert not any(s is u.slab for s in first._pinned_slabs for u in second.swapped_units)
+    assert sorted(id(s) for s in second.host.pinned) == sorted(id(u.slab) for u in second.swapped_units)
+    assert not any(s is u.slab for s in first.host.pinned for u in second.swapped_units)
     first.forget_slabs()  # unpins blocks 1-3 only
     assert_pins_match(second, runtime)
     second.release()

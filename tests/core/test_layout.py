@@ -12,6 +12,8 @@ COMFYUI_FREE = (
     "config",
     "utils",
     "block_manager",
+    "host_memory",
+    "tensor_layout",
     "wan.detect",
     "wan.units",
     "quant.dequant",

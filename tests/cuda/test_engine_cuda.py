@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from wan22_blockswap import block_manager as bm
+from wan22_blockswap import host_memory as hm
 from wan22_blockswap.bench import synthetic_model as sm
 from wan22_blockswap.wan import units as wu
 
@@ -150,7 +151,7 @@ def test_cuda_a_failed_pin_leaves_no_error_for_the_next_kernel():
     assert int(runtime.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)) == 0
     try:
         before = bm.pinned_bytes_in_use()
-        assert bm._pin_in_place(buffer) is False  # already registered: CUDA refuses
+        assert hm._pin_in_place(buffer) is False  # already registered: CUDA refuses
         assert bm.pinned_bytes_in_use() == before
         x = torch.ones(4, device=CUDA) + 1  # would raise the stale error without the clear
         torch.cuda.synchronize()

@@ -403,6 +403,7 @@ def test_dropping_the_model_frees_its_host_copies_and_returns_its_pinned_share(t
     import psutil
 
     from wan22_blockswap import block_manager as bm
+    from wan22_blockswap import host_memory as hm
 
     path = write_checkpoint(tmp_path, "t2v", dim=512, num_layers=4)
 
@@ -429,5 +430,5 @@ def test_dropping_the_model_frees_its_host_copies_and_returns_its_pinned_share(t
     refs, slab_bytes, returned = load_sample_drop()
     assert slab_bytes > 30 * 2**20
     assert all(ref() is None for ref in refs)  # the engine and every slab are gone
-    assert len(bm._PINNED.claims) == 0 and bm.pinned_bytes_in_use() == 0
+    assert len(hm._PINNED.claims) == 0 and bm.pinned_bytes_in_use() == 0
     assert returned > slab_bytes // 2, (returned, slab_bytes)  # the host copies' RAM went back to the OS

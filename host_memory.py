@@ -1,0 +1,400 @@
+"""The host tiers of the swap engine: each swapped unit's host copy (its slab), page-locking within a
+budget shared by every engine in the process, and the RAM checks made before anything is copied.
+
+Pure torch, no ComfyUI import. The engine (block_manager.py) owns one `HostSlabs` and asks it for a unit's
+host bytes; how those bytes reach a device slot (the ring, the copy stream, the hooks) is the engine's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+
+import torch
+
+from .tensor_layout import (
+    SwapUnit,
+    _check_views_alias,
+    _copy_bytes,
+    _layout,
+    _layout_size,
+    _leaves,
+    _view,
+    bind,
+    is_wrapper_tensor,
+    plain_tensor,
+    tensor_nbytes,
+)
+from .utils import format_bytes
+
+log = logging.getLogger(__name__)
+
+# Page-locked memory is not swappable; pinning more than this share of physical RAM starves the OS
+# (Windows refuses beyond about half of RAM anyway).
+DEFAULT_PINNED_RAM_SHARE = 0.45
+
+# cudaHostRegisterPortable: the pinned range counts as pinned for every CUDA context, not only the current
+# device's (ComfyUI's load device need not be the device current when the slab is built).
+CUDA_HOST_REGISTER_PORTABLE = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Pinned host memory
+# ----------------------------------------------------------------------------------------------
+
+
+class _PinnedLedger:
+    """Process-wide count of bytes this pack has page-locked, and the engines that share the budget.
+
+    Each live engine's host tier claims its swapped bytes when it is made; it may pin up to its claim's
+    share of the budget, so the second expert of a WAN 2.2 high/low pair is not left with pageable slabs
+    because the first one took everything. A claim ends when the engine gives up its slabs or dies.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self.claims: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+
+    def share(self, owner: object, budget: int) -> int:
+        total = sum(self.claims.values())
+        claim = self.claims.get(owner, 0)
+        return budget if total <= 0 else budget * claim // total
+
+
+_PINNED = _PinnedLedger()
+
+
+def pinned_bytes_in_use() -> int:
+    return _PINNED.bytes
+
+
+def default_pinned_budget() -> int:
+    try:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    except Exception:  # psutil missing or unreadable: pin nothing rather than guess
+        return 0
+    return int(total * DEFAULT_PINNED_RAM_SHARE)
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM the OS can give this process now without swapping (None if unknown)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None
+
+
+def _cuda_runtime():
+    """CUDA's runtime API as torch exposes it (a seam: tests put a fake here)."""
+    return torch.cuda.cudart()
+
+
+def _discard_cuda_error() -> None:
+    """Clear the error a failed cudaHostRegister/Unregister leaves behind.
+
+    The runtime keeps it as the thread's last error, and the next kernel launch would report it as its
+    own failure. torch exposes no cudaGetLastError; a tiny kernel plus a synchronize surfaces the
+    pending error once, which clears it (the failure itself was already seen in the return code).
+    """
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except RuntimeError:  # torch.AcceleratorError: the stale error, now consumed
+        pass
+
+
+def _pin_in_place(buffer: torch.Tensor) -> bool:
+    """Page-lock exactly buffer's bytes (cudaHostRegister); False (and CUDA's error cleared) on failure.
+
+    torch's pin_memory() goes through the caching host allocator, which rounds each block up to a
+    power of two: a 670 MiB block would lock 1 GiB. Registering the plain allocation locks what we use.
+    """
+    nbytes = buffer.numel()
+    err = _cuda_runtime().cudaHostRegister(buffer.data_ptr(), nbytes, CUDA_HOST_REGISTER_PORTABLE)
+    if int(err) != 0:
+        _discard_cuda_error()
+        log.debug("[BlockSwap] cudaHostRegister of %s failed (error %s)", format_bytes(nbytes), int(err))
+        return False
+    with _PINNED.lock:
+        _PINNED.bytes += nbytes
+    return True
+
+
+def _unpin(buffer: torch.Tensor) -> None:
+    err = _cuda_runtime().cudaHostUnregister(buffer.data_ptr())
+    with _PINNED.lock:
+        _PINNED.bytes -= buffer.numel()
+    if int(err) != 0:
+        _discard_cuda_error()
+        log.warning("[BlockSwap] cudaHostUnregister failed (error %s); the slab is freed anyway", int(err))
+
+
+def _remove_identical(items: list[torch.Tensor], item: torch.Tensor) -> None:
+    """Remove `item` itself from `items`, in place (the engine's finalizer holds that very list).
+
+    list.remove compares with ==, which for tensors is elementwise: it allocates a buffer-sized bool
+    tensor and then fails (ambiguous truth value, or a size mismatch) for any entry but the first."""
+    for i, other in enumerate(items):
+        if other is item:
+            del items[i]
+            return
+    raise ValueError("the slab is not in the pinned list")
+
+
+def _release_slabs(pinned: list[torch.Tensor]) -> None:
+    # Runs at release() or when the engine is garbage-collected. Holding the buffers until after the
+    # unregister keeps their memory valid while it is still registered; parameters that still view
+    # the slabs keep them alive afterwards as ordinary pageable memory.
+    while pinned:
+        _unpin(pinned.pop())
+
+
+class HostMemoryError(MemoryError):
+    """The host slabs of a plan would not fit in the RAM that is free: raised before any is built."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Slabs: one contiguous host buffer per swapped unit
+# ----------------------------------------------------------------------------------------------
+
+
+class HostSlabs:
+    """The host copies of one engine's swapped units, and which of them are page-locked.
+
+    offload_device: where slabs live (CPU RAM).
+    pinned_budget_bytes: most host RAM all engines together may page-lock, an int or a function returning
+        one; None: a safe share of physical RAM.
+    counters: the engine's counters (slab builds and source reads are counted there).
+    on_slab_built: fn(done, total) after each slab is built (a progress bar).
+    remember_home: fn(unit, device) before a unit's tensors move into a new slab (where they were).
+    """
+
+    def __init__(
+        self,
+        offload_device: torch.device,
+        pinned_budget_bytes: int | Callable[[], int] | None,
+        counters,
+        on_slab_built: Callable[[int, int], None] | None = None,
+        remember_home: Callable[[SwapUnit, torch.device], None] | None = None,
+    ):
+        self.offload_device = offload_device
+        self.pinned_budget_bytes = pinned_budget_bytes
+        self.counters = counters
+        self.on_slab_built = on_slab_built
+        self.remember_home = remember_home
+        # The slabs this tier has page-locked. The finalizer holds this very list: every change is in place.
+        self.pinned: list[torch.Tensor] = []
+        self._finalizer = weakref.finalize(self, _release_slabs, self.pinned)
+
+    # -- the pinned budget ---------------------------------------------------------------------
+
+    def claim(self, units: list[SwapUnit]) -> None:
+        """Claim a share of the pinned budget in proportion to these units' bytes."""
+        with _PINNED.lock:
+            _PINNED.claims[self] = sum(_layout_size(u) for u in units)
+
+    def give_up_claim(self) -> None:
+        with _PINNED.lock:
+            _PINNED.claims.pop(self, None)
+
+    def budget(self) -> int:
+        budget = self.pinned_budget_bytes
+        if callable(budget):
+            budget = budget()
+        return max(int(default_pinned_budget() if budget is None else budget), 0)
+
+    def share(self, budget: int) -> int:
+        return _PINNED.share(self, budget)
+
+    def may_pin(self, nbytes: int, budget: int, pinned_now: int) -> bool:
+        """Whether `nbytes` more fit both the process-wide budget and this tier's share of it."""
+        return nbytes <= min(budget - _PINNED.bytes, _PINNED.share(self, budget) - pinned_now)
+
+    @staticmethod
+    def pinned_bytes(units: list[SwapUnit]) -> int:
+        return sum(u.slab.numel() for u in units if u.slab is not None and u.slab_pinned)
+
+    # -- slabs ---------------------------------------------------------------------------------
+
+    def ensure(
+        self, units: list[SwapUnit], pin: bool, sources: Mapping[int, torch.Tensor] | None = None
+    ) -> None:
+        """Every unit in its slab: built on first use, refreshed where a tensor was re-pointed since (a host
+        that replaced a weight); untouched units cost nothing. pin: page-lock within the budget."""
+        sources = sources or {}
+        for unit in units:
+            if unit.slab is not None:
+                self._refresh_slab(unit)
+        if pin:
+            self._pin_adopted_slabs(units)
+        to_build = [u for u in units if u.slab is None]
+        if not to_build:
+            return
+        self.check_ram_for(to_build, sources)
+        budget = self.budget() if pin else 0
+        started, pinned_bytes, warned_pin = time.perf_counter(), 0, False
+        for done, unit in enumerate(to_build, 1):
+            allowed = self.may_pin(_layout_size(unit), budget, self.pinned_bytes(units))
+            if self._build_slab(unit, pin and allowed, sources):
+                pinned_bytes += unit.nbytes
+            elif pin and not warned_pin:
+                warned_pin = True
+                log.warning(
+                    "[BlockSwap] Pinned-memory budget (%s for this model of %s for all) reached or pinning "
+                    "failed at %s: remaining swapped units use pageable RAM, so their copies cannot overlap compute",
+                    format_bytes(max(self.share(budget), 0)),
+                    format_bytes(budget),
+                    unit.name,
+                )
+            if self.on_slab_built is not None:
+                self.on_slab_built(done, len(to_build))
+        total = sum(u.nbytes for u in to_build)
+        log.info(
+            "[BlockSwap] Host copies of %d swapped units built: %s (%s pinned, %s pageable) in %.2f s",
+            len(to_build),
+            format_bytes(total),
+            format_bytes(pinned_bytes),
+            format_bytes(total - pinned_bytes),
+            time.perf_counter() - started,
+        )
+
+    def drop(self, unit: SwapUnit) -> None:
+        """The unit leaves the swapped set: unpin its slab and leave the memory to the tensors viewing it."""
+        if unit.slab is not None and unit.slab_pinned:
+            _remove_identical(self.pinned, unit.slab)
+            _unpin(unit.slab)
+        unit.slab, unit.slab_views, unit.layout, unit.nbytes, unit.slab_pinned = None, [], [], 0, False
+        unit.pin_failed = False
+
+    def take_over(self, unit: SwapUnit, donor: SwapUnit, donor_slabs: HostSlabs) -> None:
+        """`unit` (same module) takes `donor`'s slab, pinned or not, from the tier that built it."""
+        unit.layout, unit.nbytes, unit.slab, unit.slab_views = (
+            donor.layout,
+            donor.nbytes,
+            donor.slab,
+            donor.slab_views,
+        )
+        unit.slab_pinned, donor.slab_pinned = donor.slab_pinned, False
+        unit.pin_failed = donor.pin_failed
+        if unit.slab_pinned:
+            _remove_identical(donor_slabs.pinned, donor.slab)
+            self.pinned.append(unit.slab)
+        donor.slab, donor.slab_views, donor.layout, donor.nbytes = None, [], [], 0
+
+    def release(self, units: list[SwapUnit]) -> None:
+        """Unpin every slab; they stay valid as pageable memory."""
+        _release_slabs(self.pinned)
+        for unit in units:
+            unit.slab_pinned = False
+
+    def forget(self, units: list[SwapUnit]) -> None:
+        """Give up the slabs (unpinned first): the tensors that view them keep the memory."""
+        self.release(units)
+        for unit in units:
+            unit.slab, unit.slab_views, unit.layout, unit.nbytes, unit.pin_failed = None, [], [], 0, False
+        self.give_up_claim()
+
+    def _pin_adopted_slabs(self, units: list[SwapUnit]) -> None:
+        """Pin, within the budget, slabs this plan took over pageable (from a plan made without
+        use_non_blocking, or beyond the budget then): without it their copies could never overlap."""
+        pageable = [u for u in units if u.slab is not None and not u.slab_pinned and not u.pin_failed]
+        if not pageable:
+            return
+        budget = self.budget()
+        for unit in pageable:
+            if not self.may_pin(unit.nbytes, budget, self.pinned_bytes(units)):
+                continue
+            unit.slab_pinned = _pin_in_place(unit.slab)
+            unit.pin_failed = not unit.slab_pinned
+            if unit.slab_pinned:
+                self.pinned.append(unit.slab)
+
+    def check_ram_for(self, units: list[SwapUnit], sources: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Refuse, before copying anything, slabs the free RAM cannot hold.
+
+        A unit whose tensors are in CPU RAM frees them as its slab takes over (the parameters are the only
+        owners), so it needs one unit of headroom at a time; a unit that sits on another device (a model
+        created on the GPU) or is read from sources (its tensors were never filled, so freeing them returns
+        nothing) needs its whole slab in new RAM.
+        """
+        sources = sources or {}
+        free = available_ram()
+        if free is None or self.offload_device.type != "cpu":
+            return
+        sizes = [_layout_size(u) for u in units]
+        elsewhere = sum(
+            size
+            for size, u in zip(sizes, units, strict=True)
+            if any(t.device.type != "cpu" or id(t) in sources for *_, t in u.tensors())
+        )
+        needed = elsewhere + max(sizes)
+        if needed <= free:
+            return
+        largest = max(sizes)
+        fits = sum(1 for _ in itertools.takewhile(lambda total: total <= free, itertools.accumulate(sizes)))
+        raise HostMemoryError(
+            f"[BlockSwap] Not enough free RAM for the swapped blocks' host copies: {format_bytes(needed)} needed, "
+            f"{format_bytes(free)} available. What would fit: at most {max(fits - 1, 0)} swapped units of up to "
+            f"{format_bytes(largest)} each, or a smaller file format (fp8 weights take half of bf16; GGUF Q8_0 "
+            "about 53 %, Q4_K about 28 %), or closing what else uses RAM."
+        )
+
+    def _build_slab(
+        self, unit: SwapUnit, pin: bool, sources: Mapping[int, torch.Tensor] | None = None
+    ) -> bool:
+        """Copy the unit into one new contiguous host buffer and point its tensors at it. True if pinned.
+
+        A tensor listed in `sources` is filled from its source instead of from itself."""
+        sources = sources or {}
+        current = list(unit.tensors())
+        unit.layout, unit.nbytes = _layout(current)
+        if self.remember_home is not None:
+            self.remember_home(unit, current[0][3].device if current else self.offload_device)
+        unit.slab = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.offload_device)
+        unit.slab_views = [_view(unit.slab, spec) for spec in unit.layout]
+        _check_views_alias(unit, unit.slab)
+        if pin:
+            unit.slab_pinned = _pin_in_place(unit.slab)
+            unit.pin_failed = not unit.slab_pinned
+            if unit.slab_pinned:
+                self.pinned.append(unit.slab)
+        for (owner, attr, _, t), view in zip(current, unit.slab_views, strict=True):
+            source = sources.get(id(t))
+            if source is None:
+                _copy_bytes(view, t)
+                continue
+            if is_wrapper_tensor(t) or tuple(source.shape) != tuple(torch.Tensor.size(t)):
+                raise ValueError(
+                    f"{unit.name}: the source given for {type(owner).__name__}.{attr} has shape "
+                    f"{tuple(source.shape)}, the tensor {tuple(torch.Tensor.size(t))}"
+                    + (" and is a wrapper subclass" if is_wrapper_tensor(t) else "")
+                )
+            with torch.no_grad():
+                plain_tensor(view).copy_(source)
+            self.counters.slab_tensors_from_sources += 1
+            self.counters.slab_bytes_from_sources += tensor_nbytes(source)
+        bind(unit, unit.slab_views)
+        self.counters.slabs_built += 1
+        self.counters.slab_bytes_built += unit.nbytes
+        return unit.slab_pinned
+
+    def _refresh_slab(self, unit: SwapUnit) -> None:
+        """Copy into the slab only the tensors that no longer view it, then bind the unit to it again."""
+        stale = [
+            (t, view)
+            for (*_, t), view in zip(unit.tensors(), unit.slab_views, strict=True)
+            if [leaf.data_ptr() for leaf in _leaves(t)] != [leaf.data_ptr() for leaf in _leaves(view)]
+        ]
+        for t, view in stale:
+            _copy_bytes(view, t)
+        if stale:
+            bind(unit, unit.slab_views)
