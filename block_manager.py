@@ -28,6 +28,7 @@ from torch import nn
 from .config import check_choice, check_int
 from .host_memory import (  # noqa: F401  (re-exported: the engine's public names for hosts and tests)
     DEFAULT_PINNED_RAM_SHARE,
+    HOST_TIERS,
     HostMemoryError,
     HostSlabs,
     available_ram,
@@ -384,6 +385,9 @@ class BlockSwapEngine:
     reader_streams: fn() -> CUDA streams besides the compute stream that read weights (a host's own
         offload streams); each is made to wait for a slot's copy too.
     transport_factory: for tests: fn(num_slots) -> transport, replacing the built-in ones.
+    host_memory: where swapped units wait between runs: "ram" (a slab each), "file" (no slab for a unit
+        whose tensors are views of a file mapping: copied from the file into the slot), "auto" (slabs
+        while they fit the free RAM less a reserve, the file for the rest). See host_memory.py.
     """
 
     def __init__(
@@ -401,6 +405,7 @@ class BlockSwapEngine:
         on_slab_built: Callable[[int, int], None] | None = None,
         reader_streams: Callable[[], Iterable[torch.cuda.Stream]] | None = None,
         transport_factory: Callable[[int], object] | None = None,
+        host_memory: str = "auto",
     ):
         self.units = self._validate_units(units)
         by_name = {u.name: u for u in self.units}
@@ -418,6 +423,7 @@ class BlockSwapEngine:
         if isinstance(pinned_budget_bytes, int) and pinned_budget_bytes < 0:
             raise ValueError(f"pinned_budget_bytes must be >= 0 or None (got {pinned_budget_bytes})")
         check_choice("placement", placement, PLACEMENTS)
+        check_choice("host_memory", host_memory, HOST_TIERS)
 
         self.compute_device = torch.device(compute_device)
         self.offload_device = torch.device(offload_device)
@@ -446,6 +452,7 @@ class BlockSwapEngine:
             self.counters,
             on_slab_built=on_slab_built,
             remember_home=self._placement.remember_home,
+            tier=host_memory,
         )
         self._described = False
         self._claim_pinned_share()
@@ -676,7 +683,7 @@ class BlockSwapEngine:
         # Every swapped tensor views its slab again (a unit interrupted mid-forward is still bound to a
         # slot); then the placement puts tensors whose home is elsewhere back there.
         for unit in self.order:
-            if unit.slab is not None:
+            if unit.slab_views:
                 self._bind(unit, unit.slab_views)
         self._placement.after_run(self)
         self.last_run = stats
@@ -779,7 +786,8 @@ class BlockSwapEngine:
 
     def _copy(self, run: _Run, position: int, slot: int) -> None:
         unit = self.order[position]
-        run.transport.start_copy(slot, run.slots[slot][: unit.nbytes], unit.slab)
+        for dst, src in self.host.copies_into(unit, run.slots[slot]):
+            run.transport.start_copy(slot, dst, src)
         run.loaded[slot] = position
         run.fresh[slot] = True
         self.counters.copies += 1

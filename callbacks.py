@@ -22,8 +22,9 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from .block_manager import BlockSwapEngine, default_pinned_budget
+from .block_manager import BlockSwapEngine
 from .config import SwapConfig
+from .host_memory import capped_pinned_budget, total_ram
 from .quant.reader import is_gguf_weight
 from .utils import format_bytes
 from .wan.units import WanSwapSelection, auto_wan_selection, select_wan_units
@@ -82,6 +83,7 @@ class SwapPlan:
             placement="host",  # ComfyUI's own load() places resident blocks; slabs are home between runs
             on_slab_built=_SlabProgress(),
             reader_streams=_comfy_offload_streams(load_device),
+            host_memory=config.host_memory,
         )
         self._refresh_swap_set()
         # auto_blocks_to_swap: the swap set is chosen at each load from ComfyUI's grant (see `replan`).
@@ -335,14 +337,15 @@ def _lowvram_patch(patcher, key: str):
 
 
 def pinned_budget() -> int:
-    """What this pack may page-lock now: ComfyUI's own pinned-memory limit (0.3.69+; it is lower on
-    Windows) or, where it has none, a safe share of RAM, less what ComfyUI has pinned itself."""
+    """What this pack may page-lock now: ComfyUI's own pinned-memory limit (0.3.69+) where it has one,
+    never more than 45 % of the RAM (40 % on Windows; ComfyUI's Linux limit is up to 95 %), less what
+    ComfyUI has pinned itself: both pin against one limit, so the machine keeps the rest."""
     import comfy.model_management as mm
 
     limit = getattr(mm, "MAX_PINNED_MEMORY", -1)
-    if not isinstance(limit, (int, float)) or limit <= 0:
-        limit = default_pinned_budget()
-    return int(limit - getattr(mm, "TOTAL_PINNED_MEMORY", 0))
+    if not isinstance(limit, (int, float)):
+        limit = None
+    return capped_pinned_budget(limit, getattr(mm, "TOTAL_PINNED_MEMORY", 0), total_ram())
 
 
 class _SlabProgress:

@@ -11,6 +11,8 @@ log = logging.getLogger(__name__)
 MAX_BLOCKS = 64
 MAX_VACE_BLOCKS = 32
 MAX_PREFETCH = 8
+# Where swapped blocks wait between runs (host_memory.py; here so the settings module imports no torch).
+HOST_MEMORY_CHOICES = ("auto", "ram", "file")
 
 
 def check_int(name: str, value: object, low: int, high: int | None = None, scope: str = "") -> int:
@@ -52,6 +54,7 @@ class SwapConfig:
     block_swap_debug: bool = False
     override_dynamic_vram: bool = False
     auto_blocks_to_swap: bool = False  # at each load: the fewest blocks that fit ComfyUI's VRAM grant
+    host_memory: str = "auto"  # where swapped blocks wait in RAM: "auto", "ram" (slabs) or "file"
 
     def __post_init__(self):
         check_int("blocks_to_swap", self.blocks_to_swap, 0, MAX_BLOCKS)
@@ -66,6 +69,7 @@ class SwapConfig:
             "auto_blocks_to_swap",
         ):
             check_bool(name, getattr(self, name))
+        check_choice("host_memory", self.host_memory, HOST_MEMORY_CHOICES)
 
     def fitted_to(self, num_blocks: int, num_vace_blocks: int) -> SwapConfig:
         """Clamp block counts to what the model has, with one warning per clamp."""

@@ -1,5 +1,12 @@
-"""The host tiers of the swap engine: each swapped unit's host copy (its slab), page-locking within a
-budget shared by every engine in the process, and the RAM checks made before anything is copied.
+"""The host tiers of the swap engine: where a swapped unit's bytes wait between its runs.
+
+- RAM slab: one contiguous anonymous buffer per unit, page-locked within a budget shared by every engine
+  in the process (the fastest copy source);
+- file: a unit whose tensors are all views of a file mapping (a GGUF the loader memory-mapped) keeps no
+  copy at all: its bytes stay the file's, in the page cache or on disk, and are copied into the device
+  slot straight from those views.
+The RAM policy ("auto") keeps slabs while they fit the free RAM less a reserve, and leaves the rest to
+their files; RAM checks are made before anything is copied.
 
 Pure torch, no ComfyUI import. The engine (block_manager.py) owns one `HostSlabs` and asks it for a unit's
 host bytes; how those bytes reach a device slot (the ring, the copy stream, the hooks) is the engine's.
@@ -7,8 +14,11 @@ host bytes; how those bytes reach a device slot (the ring, the copy stream, the 
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import itertools
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -16,6 +26,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .config import HOST_MEMORY_CHOICES
 from .tensor_layout import (
     SwapUnit,
     _check_views_alias,
@@ -23,6 +34,7 @@ from .tensor_layout import (
     _layout,
     _layout_size,
     _leaves,
+    _range_view,
     _view,
     bind,
     is_wrapper_tensor,
@@ -36,6 +48,16 @@ log = logging.getLogger(__name__)
 # Page-locked memory is not swappable; pinning more than this share of physical RAM starves the OS
 # (Windows refuses beyond about half of RAM anyway).
 DEFAULT_PINNED_RAM_SHARE = 0.45
+WINDOWS_PINNED_RAM_SHARE = 0.40
+
+# The share of the machine's RAM (or the cgroup's limit) that "auto" leaves free when it decides how
+# many swapped units get a RAM slab: sampling, the VAE and the OS need it.
+RAM_RESERVE_SHARE = 0.25
+
+# The host tiers a plan can use: "auto" (RAM slabs while they fit, the file for the rest), "ram" (slabs
+# for every swapped unit, the behaviour before the file tier), "file" (no slab for any unit whose bytes
+# are a file's).
+HOST_TIERS = HOST_MEMORY_CHOICES
 
 # cudaHostRegisterPortable: the pinned range counts as pinned for every CUDA context, not only the current
 # device's (ComfyUI's load device need not be the device current when the slab is built).
@@ -73,24 +95,87 @@ def pinned_bytes_in_use() -> int:
     return _PINNED.bytes
 
 
+def pinned_ram_share(platform: str | None = None) -> float:
+    """The most of the RAM that page-locked memory may take on this OS: Windows refuses or pages badly
+    beyond about 40 %, ComfyUI there pins far less than on Linux."""
+    return WINDOWS_PINNED_RAM_SHARE if (platform or sys.platform) == "win32" else DEFAULT_PINNED_RAM_SHARE
+
+
 def default_pinned_budget() -> int:
+    total = total_ram()
+    if total is None:  # psutil missing or unreadable: pin nothing rather than guess
+        return 0
+    return int(total * pinned_ram_share())
+
+
+def capped_pinned_budget(host_limit: float | None, host_pinned: int, total: int | None) -> int:
+    """What this pack may page-lock beside a host that pins too: the host's own limit where it has one,
+    never more than this OS's share of the RAM, less what the host pinned itself (both count against one
+    limit, so the machine keeps at least the rest)."""
+    cap = int(total * pinned_ram_share()) if total is not None else 0
+    limit = cap if host_limit is None or host_limit <= 0 else min(int(host_limit), cap)
+    return max(limit - int(host_pinned), 0)
+
+
+def _cgroup_memory() -> tuple[int, int] | None:
+    """(limit, reclaimable-aware usage) of this process's memory cgroup, v2 or v1; None where none limits it.
+
+    A container or a cgroup caps RAM below what the machine reports: the cap is what kills the process."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _id, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            base, files = f"/sys/fs/cgroup{path}", ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        try:
+            with open(f"{base}/{files[0]}") as f:
+                raw = f.read().strip()
+            if raw == "max":
+                return None
+            with open(f"{base}/{files[1]}") as f:
+                usage = int(f.read())
+            with open(f"{base}/memory.stat") as f:
+                stat = dict(line.split() for line in f if line.strip())
+        except (OSError, ValueError):
+            continue
+        limit = int(raw)
+        if limit >= 2**60:  # v1's "no limit"
+            return None
+        return limit, max(usage - int(stat.get(files[2], 0)), 0)
+    return None
+
+
+def total_ram() -> int | None:
+    """This process's RAM: the machine's, or its memory cgroup's limit where that is lower."""
     try:
         import psutil
 
-        total = psutil.virtual_memory().total
-    except Exception:  # psutil missing or unreadable: pin nothing rather than guess
-        return 0
-    return int(total * DEFAULT_PINNED_RAM_SHARE)
+        total = int(psutil.virtual_memory().total)
+    except Exception:
+        return None
+    cgroup = _cgroup_memory()
+    return min(total, cgroup[0]) if cgroup else total
 
 
 def available_ram() -> int | None:
-    """Bytes of RAM the OS can give this process now without swapping (None if unknown)."""
+    """Bytes of RAM the OS can give this process now without swapping (None if unknown): the machine's
+    available memory, or what its memory cgroup has left where that is less (page cache counts as free)."""
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available)
+        available = int(psutil.virtual_memory().available)
     except Exception:
         return None
+    cgroup = _cgroup_memory()
+    return min(available, cgroup[0] - cgroup[1]) if cgroup else available
 
 
 def _cuda_runtime():
@@ -163,6 +248,89 @@ class HostMemoryError(MemoryError):
 
 
 # ----------------------------------------------------------------------------------------------
+# Where a tensor's bytes live: the process's own file mappings
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FileMapping:
+    """One file-backed range of this process's address space whose bytes are the file's bytes unchanged:
+    shared (writes would go to the file itself) or private and read-only (never copied on write)."""
+
+    start: int
+    end: int
+    offset: int  # file offset of `start`
+    path: str
+
+
+def file_mappings(maps_text: str | None = None) -> list[FileMapping]:
+    """The mappings of /proc/self/maps that hold a regular file's own bytes, sorted by address ([] where
+    the OS has no /proc). A private writable mapping is left out: its pages may have been copied."""
+    if maps_text is None:
+        try:
+            with open("/proc/self/maps") as f:
+                maps_text = f.read()
+        except OSError:
+            return []
+    found = []
+    for line in maps_text.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not parts[5].startswith("/") or parts[5].endswith("(deleted)"):
+            continue
+        span, perms, offset, _dev, inode, path = parts
+        if int(inode) == 0 or perms[0] != "r" or (perms[3] == "p" and perms[1] == "w"):
+            continue
+        start, end = (int(x, 16) for x in span.split("-"))
+        found.append(FileMapping(start, end, int(offset, 16), path))
+    found.sort(key=lambda m: m.start)
+    return found
+
+
+def file_backing(t: torch.Tensor, mappings: list[FileMapping]) -> tuple[str, int] | None:
+    """(path, offset) of the file whose bytes t's plain CPU tensor is, contiguous, in one mapping; or None."""
+    if t.device.type != "cpu" or not t.is_contiguous() or is_wrapper_tensor(t):
+        return None
+    nbytes = torch.Tensor.numel(t) * t.element_size()
+    ptr = t.data_ptr()
+    i = bisect.bisect_right([m.start for m in mappings], ptr) - 1
+    if i < 0 or nbytes == 0:
+        return None
+    m = mappings[i]
+    if not (m.start <= ptr and ptr + nbytes <= m.end):
+        return None
+    return m.path, m.offset + ptr - m.start
+
+
+def choose_file_tier(
+    sizes: list[int], file_backed: list[bool], mode: str, available: int | None, total: int | None
+) -> list[bool]:
+    """Which units keep no slab (True) and are read from their files.
+
+    "ram": none. "file": every unit whose bytes are a file's. "auto": in execution order, a unit gets a
+    RAM slab while the slabs so far leave `RAM_RESERVE_SHARE` of the RAM available; the file-backed units
+    beyond that stay in their files (a unit that is not a file's always gets a slab). Unknown RAM figures
+    keep the slabs, as before the file tier existed."""
+    if mode not in HOST_TIERS:
+        raise ValueError(f"host_memory must be one of {', '.join(HOST_TIERS)} (got {mode!r})")
+    if mode == "ram":
+        return [False] * len(sizes)
+    if mode == "file":
+        return list(file_backed)
+    if available is None or total is None:
+        return [False] * len(sizes)
+    room = available - int(total * RAM_RESERVE_SHARE)
+    chosen, used = [], 0
+    for size, backed in zip(sizes, file_backed, strict=True):
+        if backed and used + size > room:
+            chosen.append(True)
+            continue
+        # A slab of a file-backed unit is new RAM; any other unit's slab replaces the RAM its tensors hold.
+        used += size if backed else 0
+        chosen.append(False)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
 # Slabs: one contiguous host buffer per swapped unit
 # ----------------------------------------------------------------------------------------------
 
@@ -176,6 +344,7 @@ class HostSlabs:
     counters: the engine's counters (slab builds and source reads are counted there).
     on_slab_built: fn(done, total) after each slab is built (a progress bar).
     remember_home: fn(unit, device) before a unit's tensors move into a new slab (where they were).
+    tier: "auto", "ram" or "file" (see `choose_file_tier`).
     """
 
     def __init__(
@@ -185,7 +354,11 @@ class HostSlabs:
         counters,
         on_slab_built: Callable[[int, int], None] | None = None,
         remember_home: Callable[[SwapUnit, torch.device], None] | None = None,
+        tier: str = "auto",
     ):
+        if tier not in HOST_TIERS:
+            raise ValueError(f"host_memory must be one of {', '.join(HOST_TIERS)} (got {tier!r})")
+        self.tier = tier
         self.offload_device = offload_device
         self.pinned_budget_bytes = pinned_budget_bytes
         self.counters = counters
@@ -234,14 +407,22 @@ class HostSlabs:
         for unit in units:
             if unit.slab is not None:
                 self._refresh_slab(unit)
+            elif unit.in_file and not _still_bound(unit):
+                # A host re-pointed a tensor (a weight replaced): decide the unit's tier again.
+                unit.in_file, unit.slab_views, unit.layout, unit.nbytes = False, [], [], 0
         if pin:
             self._pin_adopted_slabs(units)
-        to_build = [u for u in units if u.slab is None]
+        to_build = [u for u in units if u.slab is None and not u.in_file]
         if not to_build:
             return
-        self.check_ram_for(to_build, sources)
+        started = time.perf_counter()
+        in_files = to_build
+        to_build = self._leave_in_files(to_build, sources)
+        in_files = [u for u in in_files if u.in_file]
+        if to_build:
+            self.check_ram_for(to_build, sources)
         budget = self.budget() if pin else 0
-        started, pinned_bytes, warned_pin = time.perf_counter(), 0, False
+        pinned_bytes, warned_pin = 0, False
         for done, unit in enumerate(to_build, 1):
             allowed = self.may_pin(_layout_size(unit), budget, self.pinned_bytes(units))
             if self._build_slab(unit, pin and allowed, sources):
@@ -259,13 +440,73 @@ class HostSlabs:
                 self.on_slab_built(done, len(to_build))
         total = sum(u.nbytes for u in to_build)
         log.info(
-            "[BlockSwap] Host copies of %d swapped units built: %s (%s pinned, %s pageable) in %.2f s",
+            "[BlockSwap] Host copies of %d swapped units built: %s (%s pinned, %s pageable) in %.2f s; "
+            "%d units read from their files when they run: %s (host_memory %s)",
             len(to_build),
             format_bytes(total),
             format_bytes(pinned_bytes),
             format_bytes(total - pinned_bytes),
             time.perf_counter() - started,
+            len(in_files),
+            format_bytes(sum(u.nbytes for u in in_files)),
+            self.tier,
         )
+
+    def _leave_in_files(self, units: list[SwapUnit], sources: Mapping[int, torch.Tensor]) -> list[SwapUnit]:
+        """Put the units the policy leaves in their files there (bound to the file views, no copy); return
+        the units that need a slab."""
+        if self.tier == "ram" or self.offload_device.type != "cpu":
+            return units
+        mappings = file_mappings()
+        homes = [_file_views(u, sources, mappings) for u in units]
+        in_file = choose_file_tier(
+            [_layout_size(u) for u in units],
+            [h is not None for h in homes],
+            self.tier,
+            available_ram(),
+            total_ram(),
+        )
+        slabs = []
+        for unit, home, chosen in zip(units, homes, in_file, strict=True):
+            if not chosen:
+                slabs.append(unit)
+                continue
+            current = list(unit.tensors())
+            if self.remember_home is not None:
+                self.remember_home(unit, self.offload_device)
+            unit.layout, unit.nbytes = _layout(current)
+            unit.slab_views, unit.in_file = home, True
+            bind(unit, home)
+            for (*_, t), view in zip(current, home, strict=True):
+                if sources.get(id(t)) is not None:
+                    self.counters.slab_tensors_from_sources += 1
+                    self.counters.slab_bytes_from_sources += tensor_nbytes(view)
+        return slabs
+
+    def copies_into(self, unit: SwapUnit, slot: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, source) pairs that fill `slot` with the unit's bytes: the whole slab at once, or
+        for a unit left in its file each tensor from its file view into its place in the slot."""
+        if unit.slab is not None:
+            return [(slot[: unit.nbytes], unit.slab)]
+        pairs = []
+        for spec, home in zip(unit.layout, unit.slab_views, strict=True):
+            for r, leaf in zip(spec.ranges, _leaves(home), strict=True):
+                pairs.append((_range_view(slot, r), leaf))
+        return pairs
+
+    def tier_summary(self, units: list[SwapUnit]) -> dict[str, int]:
+        """Units and bytes per host tier: pinned slabs, pageable slabs, file-backed."""
+        pinned = [u for u in units if u.slab is not None and u.slab_pinned]
+        pageable = [u for u in units if u.slab is not None and not u.slab_pinned]
+        in_file = [u for u in units if u.in_file]
+        return {
+            "pinned_units": len(pinned),
+            "pinned_bytes": sum(u.nbytes for u in pinned),
+            "pageable_units": len(pageable),
+            "pageable_bytes": sum(u.nbytes for u in pageable),
+            "file_units": len(in_file),
+            "file_bytes": sum(u.nbytes for u in in_file),
+        }
 
     def drop(self, unit: SwapUnit) -> None:
         """The unit leaves the swapped set: unpin its slab and leave the memory to the tensors viewing it."""
@@ -273,7 +514,7 @@ class HostSlabs:
             _remove_identical(self.pinned, unit.slab)
             _unpin(unit.slab)
         unit.slab, unit.slab_views, unit.layout, unit.nbytes, unit.slab_pinned = None, [], [], 0, False
-        unit.pin_failed = False
+        unit.pin_failed = unit.in_file = False
 
     def take_over(self, unit: SwapUnit, donor: SwapUnit, donor_slabs: HostSlabs) -> None:
         """`unit` (same module) takes `donor`'s slab, pinned or not, from the tier that built it."""
@@ -301,6 +542,7 @@ class HostSlabs:
         self.release(units)
         for unit in units:
             unit.slab, unit.slab_views, unit.layout, unit.nbytes, unit.pin_failed = None, [], [], 0, False
+            unit.in_file = False
         self.give_up_claim()
 
     def _pin_adopted_slabs(self, units: list[SwapUnit]) -> None:
@@ -398,3 +640,40 @@ class HostSlabs:
             _copy_bytes(view, t)
         if stale:
             bind(unit, unit.slab_views)
+
+
+def _file_views(
+    unit: SwapUnit, sources: Mapping[int, torch.Tensor], mappings: list[FileMapping]
+) -> list[torch.Tensor] | None:
+    """The unit's tensors as views of the file mappings that hold their bytes unchanged (from `sources`
+    where one is given for a tensor), in the unit's tensor order; None if any byte is not a file's.
+
+    A plain tensor's home is a plain alias of its file bytes; a wrapper subclass (fp8_scaled weights) keeps
+    its own object when every inner tensor is a file view."""
+    if not mappings:
+        return None
+    views = []
+    for _owner, _attr, _is_param, t in unit.tensors():
+        source = sources.get(id(t))
+        if source is not None:
+            same = (
+                not is_wrapper_tensor(t)
+                and not is_wrapper_tensor(source)
+                and source.dtype == t.dtype
+                and tuple(torch.Tensor.size(source)) == tuple(torch.Tensor.size(t))
+            )
+            if not same:  # converted on the way in: the slab holds bytes the file does not
+                return None
+            t = source
+        if any(file_backing(leaf, mappings) is None for leaf in _leaves(t)):
+            return None
+        views.append(t if is_wrapper_tensor(t) else plain_tensor(t))
+    return views
+
+
+def _still_bound(unit: SwapUnit) -> bool:
+    """Every tensor of a unit left in its file still views the file bytes it was bound to."""
+    return all(
+        [leaf.data_ptr() for leaf in _leaves(t)] == [leaf.data_ptr() for leaf in _leaves(home)]
+        for (*_, t), home in zip(unit.tensors(), unit.slab_views, strict=True)
+    )

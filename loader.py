@@ -694,18 +694,23 @@ def load_swapped_wan_model(
     others = [t for t in swapped.model.state_dict(keep_vars=True).values() if id(t) not in swapped_ids]
     resident = sum(tensor_nbytes(t) for t in others if t.device.type == "cpu")
     to_gpu = sum(tensor_nbytes(t) for t in others if t.device.type != "cpu")  # --gpu-only / --highvram
-    slab_bytes = sum(u.nbytes for u in units)
-    pinned = sum(u.nbytes for u in units if u.slab_pinned)
+    in_slabs = [u for u in units if u.slab is not None]
+    in_file = [u for u in units if u.in_file]
+    slab_bytes = sum(u.nbytes for u in in_slabs)
+    pinned = sum(u.nbytes for u in in_slabs if u.slab_pinned)
     log.info(
         "[BlockSwap] WAN BlockSwap Model Loader: %s read in %.2f s: %s to the GPU, %s into host slabs of %d "
-        "swapped units (%s pinned, %s pageable), %s of other weights in RAM",
+        "swapped units (%s pinned, %s pageable), %s of %d swapped units left in the file, %s of other "
+        "weights in RAM",
         name,
         time.perf_counter() - started,
         format_bytes(to_gpu),
         format_bytes(slab_bytes),
-        len(units),
+        len(in_slabs),
         format_bytes(pinned),
         format_bytes(slab_bytes - pinned),
+        format_bytes(sum(u.nbytes for u in in_file)),
+        len(in_file),
         format_bytes(resident),
     )
     return swapped

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import loader, looper
 from .callbacks import apply_block_swap
-from .config import MAX_BLOCKS, MAX_PREFETCH, MAX_VACE_BLOCKS, SwapConfig
+from .config import HOST_MEMORY_CHOICES, MAX_BLOCKS, MAX_PREFETCH, MAX_VACE_BLOCKS, SwapConfig
 from .wan.detect import MODEL_VARIANTS, WAN_VERSIONS
 
 CATEGORY = "ComfyUI_Wan22Blockswap"
@@ -102,7 +102,26 @@ def swap_inputs() -> dict[str, dict]:
 
 def late_optional_inputs() -> dict[str, tuple]:
     """The optional inputs every BlockSwap node ends with, in this order (after the seed's inputs)."""
-    return {"override_dynamic_vram": override_dynamic_vram_input(), "auto_blocks_to_swap": auto_input()}
+    return {
+        "override_dynamic_vram": override_dynamic_vram_input(),
+        "auto_blocks_to_swap": auto_input(),
+        "host_memory": host_memory_input(),
+    }
+
+
+def host_memory_input() -> tuple:
+    return (
+        HOST_MEMORY_CHOICES,
+        {
+            "default": SwapConfig().host_memory,
+            "tooltip": "Where swapped blocks wait between their runs. auto: a copy in RAM for each block while "
+            "those copies leave a quarter of the RAM (or of the container's limit) free; blocks beyond that whose "
+            "weights are a memory-mapped file's own bytes (GGUF) stay in the file and are copied to the GPU "
+            "from it: no extra RAM, slower copies. ram: a RAM copy of every swapped block (the fastest, pinned "
+            "within the budget with use_non_blocking). file: no RAM copy of any block whose weights are a "
+            "file's bytes. Weights converted when loaded (another dtype) always get a RAM copy.",
+        },
+    )
 
 
 def auto_input() -> tuple:

@@ -114,6 +114,9 @@ class SwapUnit:
     slab_views: list[torch.Tensor] = dataclasses.field(default_factory=list)
     slab_pinned: bool = False
     pin_failed: bool = False  # CUDA refused to pin this slab: do not try again at every attach
+    # No slab: the unit's tensors are views of a file mapping (slab_views holds them) and are copied
+    # into a slot straight from there (the host memory tier "file").
+    in_file: bool = False
 
     def tensors(self) -> Iterator[tuple[nn.Module, str, bool, torch.Tensor]]:
         """Every parameter and buffer of the unit, once each, with its owning module."""

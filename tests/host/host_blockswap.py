@@ -58,6 +58,7 @@ def test_node_is_registered_under_its_own_id():
         "block_swap_debug": False,
         "override_dynamic_vram": False,
         "auto_blocks_to_swap": False,
+        "host_memory": "auto",
     }
     assert all(v[1].get("tooltip") for part in spec.values() for v in part.values())
     assert nodes.WAN22BlockSwap.CATEGORY == "ComfyUI_Wan22Blockswap"
@@ -364,12 +365,17 @@ def test_slabs_stay_in_cpu_ram_when_comfyui_offloads_to_the_gpu(checkpoints, cap
 
 
 def test_the_pinned_budget_is_comfyuis_limit_less_what_comfyui_pinned(monkeypatch):
+    import psutil
+
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 10 * 2**30, raising=False)
     monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 3 * 2**30, raising=False)
     assert callbacks.pinned_budget() == 7 * 2**30
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1, raising=False)  # ComfyUI pins nothing itself here
     from wan22_blockswap.block_manager import default_pinned_budget
 
+    assert callbacks.pinned_budget() == default_pinned_budget() - 3 * 2**30
+    # ComfyUI's Linux limit (up to 95 % of RAM) is capped at this pack's share: the machine keeps the rest.
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", int(0.95 * psutil.virtual_memory().total), raising=False)
     assert callbacks.pinned_budget() == default_pinned_budget() - 3 * 2**30
 
 

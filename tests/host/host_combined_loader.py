@@ -108,7 +108,11 @@ def test_node_is_registered_with_the_loader_inputs_then_the_swap_settings():
     assert nodes.WAN22BlockSwapLoader.CATEGORY == "ComfyUI_Wan22Blockswap"
     spec = nodes.WAN22BlockSwapLoader.INPUT_TYPES()
     order = [*spec["required"], *spec.get("optional", {})]
-    assert order == SEED_INPUTS + SWAP_INPUTS + ["override_dynamic_vram", "auto_blocks_to_swap"]
+    assert order == SEED_INPUTS + SWAP_INPUTS + [
+        "override_dynamic_vram",
+        "auto_blocks_to_swap",
+        "host_memory",
+    ]
     loader_spec = nodes.WANModelLoader.INPUT_TYPES()["required"]
     for name in SEED_INPUTS:
         assert spec["required"][name] == loader_spec[name]

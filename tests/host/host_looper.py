@@ -215,6 +215,7 @@ def test_looper_nodes_are_registered_with_the_seed_inputs():
             "block_swap_debug",
             "override_dynamic_vram",
             "auto_blocks_to_swap",
+            "host_memory",
         ]
     assert nodes.WAN22BlockSwapSequencer.RETURN_TYPES == ("ANY",)
     assert nodes.WAN22BlockSwapLooperModels.RETURN_NAMES == ("model_high", "model_low")

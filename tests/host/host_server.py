@@ -85,6 +85,7 @@ EXPECTED_INPUTS = {
         "block_swap_debug": ("BOOLEAN", False),
         "override_dynamic_vram": ("BOOLEAN", False),
         "auto_blocks_to_swap": ("BOOLEAN", False),
+        "host_memory": (["auto", "ram", "file"], "auto"),
     },
 }
 
@@ -587,7 +588,7 @@ def _dangling_link(wf, info):
 BREAKAGES = [
     (_server_renames_node, "(wan22BlockSwap): no such node"),
     (_server_renames_input, "no input named 'prefetch_blocks'"),
-    (_server_adds_widget, "(wan22BlockSwap): 9 widgets_values, the node has 10"),
+    (_server_adds_widget, "(wan22BlockSwap): 10 widgets_values, the node has 11"),
     (_server_renames_socket, "(KSampler): no input named 'model'"),
     (_drop_control_after_generate, "(KSampler): 6 widgets_values, the node has 7"),
     (_out_of_range, "blocks_to_swap: 1000 is outside [0, 64]"),
