@@ -655,7 +655,8 @@ class BlockSwapEngine:
             raise RuntimeError(
                 "adopt_slabs: detach both engines first (slabs are bound to slots while attached)"
             )
-        theirs = {u.module: u for u in other.order if u.slab is not None}
+        # A unit left in its file is not adopted: this plan decides its tier afresh (nothing big to copy).
+        theirs = {u.module: u for u in other.order if u.slab is not None and not u.in_file}
         adopted = 0
         for unit in self.order:
             donor = theirs.get(unit.module)

@@ -405,11 +405,12 @@ class HostSlabs:
         that replaced a weight); untouched units cost nothing. pin: page-lock within the budget."""
         sources = sources or {}
         for unit in units:
-            if unit.slab is not None:
+            if unit.in_file:
+                if not _still_bound(unit):
+                    # A host re-pointed a tensor (a weight replaced): decide the unit's tier again.
+                    self.drop(unit)
+            elif unit.slab is not None:
                 self._refresh_slab(unit)
-            elif unit.in_file and not _still_bound(unit):
-                # A host re-pointed a tensor (a weight replaced): decide the unit's tier again.
-                unit.in_file, unit.slab_views, unit.layout, unit.nbytes = False, [], [], 0
         if pin:
             self._pin_adopted_slabs(units)
         to_build = [u for u in units if u.slab is None and not u.in_file]
@@ -441,14 +442,14 @@ class HostSlabs:
         total = sum(u.nbytes for u in to_build)
         log.info(
             "[BlockSwap] Host copies of %d swapped units built: %s (%s pinned, %s pageable) in %.2f s; "
-            "%d units read from their files when they run: %s (host_memory %s)",
+            "%d units read from their files when they run: %s in the files (host_memory %s)",
             len(to_build),
             format_bytes(total),
             format_bytes(pinned_bytes),
             format_bytes(total - pinned_bytes),
             time.perf_counter() - started,
             len(in_files),
-            format_bytes(sum(u.nbytes for u in in_files)),
+            format_bytes(sum(_file_bytes(u) for u in in_files)),
             self.tier,
         )
 
@@ -458,35 +459,52 @@ class HostSlabs:
         if self.tier == "ram" or self.offload_device.type != "cpu":
             return units
         mappings = file_mappings()
-        homes = [_file_views(u, sources, mappings) for u in units]
+        views = [_file_views(u, sources, mappings) for u in units]
         in_file = choose_file_tier(
             [_layout_size(u) for u in units],
-            [h is not None for h in homes],
+            [any(v is not None for v in unit_views) for unit_views in views],
             self.tier,
             available_ram(),
             total_ram(),
         )
         slabs = []
-        for unit, home, chosen in zip(units, homes, in_file, strict=True):
-            if not chosen:
+        for unit, unit_views, chosen in zip(units, views, in_file, strict=True):
+            if chosen:
+                self._bind_to_files(unit, unit_views, sources)
+            else:
                 slabs.append(unit)
-                continue
-            current = list(unit.tensors())
-            if self.remember_home is not None:
-                self.remember_home(unit, self.offload_device)
-            unit.layout, unit.nbytes = _layout(current)
-            unit.slab_views, unit.in_file = home, True
-            bind(unit, home)
-            for (*_, t), view in zip(current, home, strict=True):
-                if sources.get(id(t)) is not None:
-                    self.counters.slab_tensors_from_sources += 1
-                    self.counters.slab_bytes_from_sources += tensor_nbytes(view)
         return slabs
+
+    def _bind_to_files(
+        self, unit: SwapUnit, file_views: list[torch.Tensor | None], sources: Mapping[int, torch.Tensor]
+    ) -> None:
+        """Leave the unit's file-backed tensors in their file; the others (norms ComfyUI copied into new
+        parameters, converted weights) go into a small slab of their own. Its tensors are then bound to
+        those homes: the file views and the small slab's views."""
+        current = list(unit.tensors())
+        if self.remember_home is not None:
+            self.remember_home(unit, self.offload_device)
+        unit.layout, unit.nbytes = _layout(current)
+        rest = [entry for entry, view in zip(current, file_views, strict=True) if view is None]
+        rest_layout, rest_bytes = _layout(rest)
+        unit.slab = torch.empty(rest_bytes, dtype=torch.uint8, device=self.offload_device) if rest else None
+        rest_views = iter([_view(unit.slab, spec) for spec in rest_layout])
+        home = [view if view is not None else next(rest_views) for view in file_views]
+        for (owner, attr, _, t), view, file_view in zip(current, home, file_views, strict=True):
+            if file_view is None:
+                self._fill(unit, owner, attr, t, view, sources)
+            elif sources.get(id(t)) is not None:
+                self.counters.slab_tensors_from_sources += 1
+                self.counters.slab_bytes_from_sources += tensor_nbytes(file_view)
+        unit.slab_views, unit.in_file = home, True
+        bind(unit, home)
+        if rest:
+            self.counters.slab_bytes_built += rest_bytes
 
     def copies_into(self, unit: SwapUnit, slot: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(destination, source) pairs that fill `slot` with the unit's bytes: the whole slab at once, or
         for a unit left in its file each tensor from its file view into its place in the slot."""
-        if unit.slab is not None:
+        if not unit.in_file:
             return [(slot[: unit.nbytes], unit.slab)]
         pairs = []
         for spec, home in zip(unit.layout, unit.slab_views, strict=True):
@@ -496,8 +514,9 @@ class HostSlabs:
 
     def tier_summary(self, units: list[SwapUnit]) -> dict[str, int]:
         """Units and bytes per host tier: pinned slabs, pageable slabs, file-backed."""
-        pinned = [u for u in units if u.slab is not None and u.slab_pinned]
-        pageable = [u for u in units if u.slab is not None and not u.slab_pinned]
+        slabs = [u for u in units if u.slab is not None and not u.in_file]
+        pinned = [u for u in slabs if u.slab_pinned]
+        pageable = [u for u in slabs if not u.slab_pinned]
         in_file = [u for u in units if u.in_file]
         return {
             "pinned_units": len(pinned),
@@ -505,7 +524,8 @@ class HostSlabs:
             "pageable_units": len(pageable),
             "pageable_bytes": sum(u.nbytes for u in pageable),
             "file_units": len(in_file),
-            "file_bytes": sum(u.nbytes for u in in_file),
+            "file_bytes": sum(_file_bytes(u) for u in in_file),
+            "file_units_rest_bytes": sum(u.slab.numel() for u in in_file if u.slab is not None),
         }
 
     def drop(self, unit: SwapUnit) -> None:
@@ -610,24 +630,28 @@ class HostSlabs:
             if unit.slab_pinned:
                 self.pinned.append(unit.slab)
         for (owner, attr, _, t), view in zip(current, unit.slab_views, strict=True):
-            source = sources.get(id(t))
-            if source is None:
-                _copy_bytes(view, t)
-                continue
-            if is_wrapper_tensor(t) or tuple(source.shape) != tuple(torch.Tensor.size(t)):
-                raise ValueError(
-                    f"{unit.name}: the source given for {type(owner).__name__}.{attr} has shape "
-                    f"{tuple(source.shape)}, the tensor {tuple(torch.Tensor.size(t))}"
-                    + (" and is a wrapper subclass" if is_wrapper_tensor(t) else "")
-                )
-            with torch.no_grad():
-                plain_tensor(view).copy_(source)
-            self.counters.slab_tensors_from_sources += 1
-            self.counters.slab_bytes_from_sources += tensor_nbytes(source)
+            self._fill(unit, owner, attr, t, view, sources)
         bind(unit, unit.slab_views)
         self.counters.slabs_built += 1
         self.counters.slab_bytes_built += unit.nbytes
         return unit.slab_pinned
+
+    def _fill(self, unit, owner, attr, t, view, sources: Mapping[int, torch.Tensor]) -> None:
+        """Copy t's value into its slab view: from its source where `sources` names one, else from t."""
+        source = sources.get(id(t))
+        if source is None:
+            _copy_bytes(view, t)
+            return
+        if is_wrapper_tensor(t) or tuple(source.shape) != tuple(torch.Tensor.size(t)):
+            raise ValueError(
+                f"{unit.name}: the source given for {type(owner).__name__}.{attr} has shape "
+                f"{tuple(source.shape)}, the tensor {tuple(torch.Tensor.size(t))}"
+                + (" and is a wrapper subclass" if is_wrapper_tensor(t) else "")
+            )
+        with torch.no_grad():
+            plain_tensor(view).copy_(source)
+        self.counters.slab_tensors_from_sources += 1
+        self.counters.slab_bytes_from_sources += tensor_nbytes(source)
 
     def _refresh_slab(self, unit: SwapUnit) -> None:
         """Copy into the slab only the tensors that no longer view it, then bind the unit to it again."""
@@ -644,15 +668,13 @@ class HostSlabs:
 
 def _file_views(
     unit: SwapUnit, sources: Mapping[int, torch.Tensor], mappings: list[FileMapping]
-) -> list[torch.Tensor] | None:
-    """The unit's tensors as views of the file mappings that hold their bytes unchanged (from `sources`
-    where one is given for a tensor), in the unit's tensor order; None if any byte is not a file's.
+) -> list[torch.Tensor | None]:
+    """Each of the unit's tensors (in its tensor order) as a view of the file mapping that holds its bytes
+    unchanged (from `sources` where one is given for it), or None where its bytes are not a file's.
 
     A plain tensor's home is a plain alias of its file bytes; a wrapper subclass (fp8_scaled weights) keeps
     its own object when every inner tensor is a file view."""
-    if not mappings:
-        return None
-    views = []
+    views: list[torch.Tensor | None] = []
     for _owner, _attr, _is_param, t in unit.tensors():
         source = sources.get(id(t))
         if source is not None:
@@ -662,13 +684,27 @@ def _file_views(
                 and source.dtype == t.dtype
                 and tuple(torch.Tensor.size(source)) == tuple(torch.Tensor.size(t))
             )
-            if not same:  # converted on the way in: the slab holds bytes the file does not
-                return None
+            if not same:  # converted on the way in: the file does not hold these bytes
+                views.append(None)
+                continue
             t = source
-        if any(file_backing(leaf, mappings) is None for leaf in _leaves(t)):
-            return None
-        views.append(t if is_wrapper_tensor(t) else plain_tensor(t))
+        if not mappings or any(file_backing(leaf, mappings) is None for leaf in _leaves(t)):
+            views.append(None)
+        else:
+            views.append(t if is_wrapper_tensor(t) else plain_tensor(t))
     return views
+
+
+def _file_bytes(unit: SwapUnit) -> int:
+    """Bytes of a unit that stay in its file (the tensors whose home is not its small slab)."""
+    if unit.slab is None:
+        return sum(spec.nbytes for spec in unit.layout)
+    start, end = unit.slab.data_ptr(), unit.slab.data_ptr() + unit.slab.numel()
+    return sum(
+        spec.nbytes
+        for spec, home in zip(unit.layout, unit.slab_views, strict=True)
+        if not all(start <= leaf.data_ptr() < end for leaf in _leaves(home))
+    )
 
 
 def _still_bound(unit: SwapUnit) -> bool:

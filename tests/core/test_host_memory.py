@@ -130,18 +130,23 @@ def test_units_whose_bytes_are_not_the_files_get_slabs(tmp_path):
     ]
 
 
-def test_a_replaced_weight_moves_its_unit_out_of_the_file(mapped_model):
+def test_a_replaced_weight_moves_into_a_small_slab_of_its_own(mapped_model):
     """A host that re-points a swapped tensor (a patched weight) must not be served the file's bytes."""
     model, inputs, _reference, _mapped = mapped_model
     engine = make_engine(model, 2, host_memory="file")
     engine.park()
+    assert engine.swapped_units[1].slab is None  # every tensor a file view: no slab at all
     weight = model.blocks[5].ffn[0].weight
     _set_tensor(model.blocks[5].ffn[0], "weight", True, weight.detach().clone() * 0)  # now plain RAM, zeros
     with engine.attached():
         out = model(**inputs)
         assert torch.count_nonzero(model.blocks[5].ffn[0].weight) == 0  # views its slab again, not the file
     unit = engine.swapped_units[1]
-    assert not unit.in_file and unit.slab is not None
+    # Decided again: the replaced weight now lives in the unit's small slab, the rest stays in the file.
+    assert unit.in_file and unit.slab is not None and unit.slab.numel() < unit.nbytes
+    start = unit.slab.data_ptr()
+    assert start <= model.blocks[5].ffn[0].weight.data_ptr() < start + unit.slab.numel()
+    assert in_file(model.blocks[5].ffn[2].weight, _mapped)
     expected = sm.build_model("tiny", num_layers=6)
     expected.load_state_dict(model.state_dict())
     assert torch.equal(out, expected(**inputs))
@@ -241,3 +246,41 @@ def test_file_backing_names_the_file_and_offset(tmp_path):
     assert path_found == str(path) and offset == 1000
     assert hm.file_backing(t.clone(), hm.file_mappings()) is None  # anonymous RAM
     assert hm.file_backing(t[::2], hm.file_mappings()) is None  # not contiguous
+
+
+def test_a_unit_with_some_tensors_in_ram_keeps_only_those_in_a_small_slab(tmp_path):
+    """As GGUF loads really are: quantized weights and biases are file views, norms were copied into new
+    parameters. The file's bytes stay in the file; only the norms get a (small) slab."""
+    model = sm.build_model("tiny", num_layers=4)
+    inputs = sm.example_inputs(model)
+    reference = model(**inputs)
+    mapped = map_from_file(model, tmp_path / "w.bin")
+    for block in model.blocks:  # the norms back in anonymous RAM, as ComfyUI's loader leaves them
+        for module in block.modules():
+            for attr, p in module._parameters.items():
+                if p is not None and p.dim() == 1 and "norm" in type(module).__name__.lower():
+                    _set_tensor(module, attr, True, p.detach().clone())
+    engine = make_engine(model, 3, host_memory="file")
+    with engine.attached():
+        assert torch.equal(model(**inputs), reference)
+    summary = engine.host.tier_summary(engine.order)
+    assert summary["file_units"] == 3 and summary["pageable_units"] == 0
+    for unit in engine.swapped_units:
+        norms = [
+            t for m in unit.module.modules() if "norm" in type(m).__name__.lower() for t in m.parameters()
+        ]
+        assert norms and unit.slab is not None
+        assert unit.slab.numel() < unit.nbytes // 10
+        start = unit.slab.data_ptr()
+        assert all(start <= t.data_ptr() < start + unit.slab.numel() for t in norms)
+        others = [t for *_, t in unit.tensors() if not any(t is n for n in norms)]
+        assert others and all(in_file(t, mapped) for t in others)
+    assert summary["file_bytes"] + sum(
+        sum(
+            t.numel() * t.element_size()
+            for m in u.module.modules()
+            if "norm" in type(m).__name__.lower()
+            for t in m.parameters()
+        )
+        for u in engine.swapped_units
+    ) == sum(u.param_bytes() for u in engine.swapped_units)
