@@ -71,6 +71,7 @@ def load_package():
         "wan.detect",
         "bench.synthetic_model",
         "bench.report",
+        "bench.file_backed",
     ):
         importlib.import_module(f"{PACKAGE}.{name}")
     return module
@@ -215,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulate a card with this much VRAM: occupy the rest of the GPU before any contender loads "
         "(needs a GPU and --model-path inside ComfyUI)",
     )
+    p.add_argument(
+        "--host-tiers",
+        action="store_true",
+        help="measure each swapped row per host tier: pinned slabs (GPU only), pageable slabs, the file tier "
+        "with a warm page cache and with a cold one (dropped before each step); the blocks are first written "
+        "to a file next to --output and memory-mapped, as a GGUF loader leaves them",
+    )
     p.add_argument("--chart", metavar="PATH.png", help="also draw step time and peak VRAM vs blocks_to_swap")
     return p
 
@@ -338,7 +346,10 @@ def plain_pinned_copy_gbps(device: torch.device, nbytes: int, repeats: int = 5) 
 
 def memory_snapshot(device: torch.device, pkg) -> dict[str, object]:
     utils = pkg.utils
-    snap: dict[str, object] = {"cpu_rss_mb": utils.mib(utils.process_rss())}
+    snap: dict[str, object] = {
+        "cpu_rss_mb": utils.mib(utils.process_rss()),
+        "cpu_anon_rss_mb": utils.mib(utils.process_anon_rss()),
+    }
     if device.type == "cuda":
         for key, value in utils.cuda_memory(device).items():
             snap[f"gpu_{key}_mb"] = utils.mib(value)
@@ -386,9 +397,17 @@ def run_config(
     placement: str,
     pkg,
     progress: Progress,
+    tier: str | None = None,
+    files=None,
 ) -> dict[str, object]:
+    """One row. tier (--host-tiers): "pinned" / "pageable" slabs, "file" or "file-cold" (the blocks are
+    views of `files`, a FileBackedBlocks; cold drops its page cache before each timed step)."""
     bm, wu, sm, utils = pkg.block_manager, pkg.wan.units, pkg.bench.synthetic_model, pkg.utils
     device = workload.device
+    if tier is not None and tier.startswith("file"):
+        files.bind()
+    if tier in ("pinned", "pageable"):
+        non_blocking = tier == "pinned"
     choice = wu.select_wan_units(model, blocks_to_swap, placement=placement)
     engine = bm.BlockSwapEngine(
         choice.units,
@@ -397,6 +416,7 @@ def run_config(
         prefetch_blocks=prefetch,
         use_non_blocking=non_blocking,
         debug=device.type == "cuda",
+        host_memory="file" if tier is not None and tier.startswith("file") else "ram",
     )
     inputs = sm.example_inputs(model, tokens=tokens, text_tokens=workload.text_tokens)
     gc.collect()
@@ -419,6 +439,8 @@ def run_config(
         times = []
         with torch.inference_mode():
             for _ in range(workload.steps):
+                if tier == "file-cold":
+                    files.drop_page_cache()
                 t0 = time.perf_counter()
                 model(**inputs)
                 sync(device)
@@ -426,6 +448,7 @@ def run_config(
         after = memory_snapshot(device, pkg)
         counters = dataclasses.replace(engine.counters)
         pinned = engine.pinned_bytes()
+        tiers = engine.host.tier_summary(engine.swapped_units)
         engine.detach()
     finally:
         engine.release()
@@ -443,6 +466,8 @@ def run_config(
         "blocks_to_swap": blocks_to_swap,
         "prefetch_blocks": prefetch,
         "non_blocking": non_blocking,
+        "tier": tier or ("-" if not blocks_to_swap else "pinned" if pinned else "pageable"),
+        "host_tiers": {k: utils.mib(v) if k.endswith("bytes") else v for k, v in tiers.items()},
         "placement": placement,
         "load_time_s": round(load_time, 3),
         "step_time_s": round(step_time, 4),
@@ -482,6 +507,10 @@ def compare(row: dict[str, object], base: dict[str, object], model_path: str | N
     extra = mem["cpu_rss_mb"] - base_mem["cpu_rss_mb"]
     row["cpu_increase_mb"] = round(extra, 1)
     row["cpu_increase_percent"] = round(100 * extra / base_mem["cpu_rss_mb"], 1)
+    if mem.get("steady_cpu_anon_rss_mb") is not None and base_mem.get("steady_cpu_anon_rss_mb") is not None:
+        row["ram_anon_increase_mb"] = round(
+            mem["steady_cpu_anon_rss_mb"] - base_mem["steady_cpu_anon_rss_mb"], 1
+        )
     row["time_difference_s"] = round(row["step_time_s"] - base["step_time_s"], 4)
     row["time_difference_percent"] = round(100 * (row["step_time_s"] / base["step_time_s"] - 1), 1)
     row["step_time_ratio"] = round(row["step_time_s"] / base["step_time_s"], 3)
@@ -510,10 +539,12 @@ def format_table(doc: dict[str, object]) -> str:
         ("tokens", "tokens", ""),
         ("blocks_to_swap", "swap", ""),
         ("prefetch_blocks", "pf", ""),
+        ("tier", "host tier", ""),
         ("step_time_s", "step s", ""),
         ("step_time_ratio", "x base", ""),
         ("gpu_savings_mb", "VRAM saved MB", ""),
         ("cpu_increase_mb", "RAM +MB", ""),
+        ("ram_anon_increase_mb", "anon +MB", ""),
         ("bytes_moved_per_step", "MB/step", ""),
         ("h2d_effective_gbps", "eff GB/s", ""),
         ("copy_gbps", "copy GB/s", ""),
@@ -700,18 +731,42 @@ def main(argv: list[str] | None = None) -> int:
     }
     gbps = plain_pinned_copy_gbps(workload.device, largest_block)
     doc["plain_pinned_copy_gbps"] = round(gbps, 2) if gbps else None
-    total = len(workload.tokens) * (1 + len(counts) * len(prefetches))
+    # --host-tiers: the file tier first, while the blocks are still the file's views (a slab row leaves them
+    # in its slab); each file row binds them to the file again.
+    tiers = [None]
+    files = None
+    if args.host_tiers:
+        tiers = ["file", "file-cold", "pageable"] + (["pinned"] if workload.device.type == "cuda" else [])
+        files = pkg.bench.file_backed.FileBackedBlocks(model, Path(args.output).with_suffix(".blocks.bin"))
+    total = len(workload.tokens) * (1 + len(counts) * len(prefetches) * len(tiers))
     progress = Progress(total, enabled=not args.json_only)
-    for tokens in workload.tokens:
-        base = run_config(model, workload, tokens, 0, 0, False, args.placement, pkg, progress)
-        compare(base, base, workload.model_path)
-        doc["results"].append(base)
-        for count in counts:
-            for prefetch in prefetches:
-                row = run_config(
-                    model, workload, tokens, count, prefetch, non_blocking, args.placement, pkg, progress
-                )
-                doc["results"].append(compare(row, base, workload.model_path))
+    try:
+        for tokens in workload.tokens:
+            if files is not None:
+                files.bind()
+            base = run_config(model, workload, tokens, 0, 0, False, args.placement, pkg, progress)
+            compare(base, base, workload.model_path)
+            doc["results"].append(base)
+            for count in counts:
+                for prefetch in prefetches:
+                    for tier in tiers:
+                        row = run_config(
+                            model,
+                            workload,
+                            tokens,
+                            count,
+                            prefetch,
+                            non_blocking,
+                            args.placement,
+                            pkg,
+                            progress,
+                            tier,
+                            files,
+                        )
+                        doc["results"].append(compare(row, base, workload.model_path))
+    finally:
+        if files is not None:
+            files.path.unlink(missing_ok=True)
     if args.compare_native:
         doc["native_comparison"] = run_native_comparison(model, workload, args)
     progress.close()

@@ -31,6 +31,19 @@ def process_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def process_anon_rss() -> int | None:
+    """Anonymous resident memory of this process (RssAnon: heap, slabs, pinned buffers; not the page cache
+    of mapped files), where /proc says it (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def cuda_memory(device: torch.device) -> dict[str, int]:
     """Allocated / reserved bytes now and at their peak since the last reset, for one CUDA device."""
     return {

@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file2", help=argparse.SUPPRESS)
     parser.add_argument("--host-memory", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--margin", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cgroup-limit", type=int, help="run each child in a cgroup v1 memory group of this size"
+    )
+    parser.add_argument("--workdir", help="keep the written file here (default: a temporary folder, deleted)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", choices=["single", "pair", "checks"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -343,17 +347,31 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child_checks(args)))
         return 0
 
-    workdir = Path(tempfile.mkdtemp(prefix="wan_ram_tiers_"))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="wan_ram_tiers_"))
+    workdir.mkdir(parents=True, exist_ok=True)
     try:
         file = Path(args.file) if args.file else workdir / f"wan_{args.preset}_{args.qtype}.gguf"
         info = {"file_bytes": file.stat().st_size} if args.file else write_file(file, args.preset, args.qtype)
-        rows = [
-            run_child(args, "single", ["--file", str(file), "--host-memory", tier]) for tier in args.tiers
-        ]
+        prefix = None
+        if args.cgroup_limit:
+            # A small machine: only the children go into a memory cgroup (v1) with this limit.
+            cgroup = Path("/sys/fs/cgroup/memory") / f"wan22_bench_{os.getpid()}"
+            cgroup.mkdir()
+            (cgroup / "memory.limit_in_bytes").write_text(str(args.cgroup_limit))
+            prefix = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh"]
+        try:
+            rows = [
+                run_child(args, "single", ["--file", str(file), "--host-memory", tier], prefix)
+                for tier in args.tiers
+            ]
+        finally:
+            if args.cgroup_limit:
+                cgroup.rmdir()
     finally:
-        for p in workdir.iterdir():
-            p.unlink()
-        workdir.rmdir()
+        if not args.workdir:
+            for p in workdir.iterdir():
+                p.unlink()
+            workdir.rmdir()
     result = {"comfyui": args.comfyui, "package": args.package, "file": info, "rows": rows}
     mib = 2**20
     print(f"File: {info['file_bytes'] / mib:,.0f} MiB, ComfyUI {args.comfyui}, loader {args.loader}")

@@ -130,3 +130,21 @@ def test_too_many_blocks_and_missing_files_are_clear_errors(tmp_path):
 def test_tokens_for_video_match_wan_latent_geometry():
     assert cli.tokens_for_video("14b", 832, 480, 81) == 32760
     assert cli.tokens_for_video("5b", 1280, 704, 121) == 31 * 22 * 40
+
+
+def test_host_tiers_rows_measure_each_tier_and_the_anonymous_ram(tmp_path):
+    out = tmp_path / "tiers.json"
+    argv = ["--preset", "tiny", "--layers", "4", "--blocks-to-swap", "4", "--steps", "1", "--tokens", "16"]
+    assert cli.main([*argv, "--host-tiers", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["tier"] for r in rows] == ["-", "file", "file-cold", "pageable"]  # no GPU: no pinned row
+    by_tier = {r["tier"]: r for r in rows}
+    for tier in ("file", "file-cold"):
+        assert (
+            by_tier[tier]["host_tiers"]["file_units"] == 4
+            and by_tier[tier]["host_tiers"]["pageable_units"] == 0
+        )
+    assert by_tier["pageable"]["host_tiers"]["pageable_units"] == 4
+    assert by_tier["pageable"]["bytes_moved_per_step"] == by_tier["file"]["bytes_moved_per_step"] > 0
+    assert all(isinstance(r.get("ram_anon_increase_mb"), float) for r in rows)
+    assert not out.with_suffix(".blocks.bin").exists()  # the blocks' file is removed afterwards
