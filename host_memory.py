@@ -585,18 +585,25 @@ class HostSlabs:
 
         A unit whose tensors are in CPU RAM frees them as its slab takes over (the parameters are the only
         owners), so it needs one unit of headroom at a time; a unit that sits on another device (a model
-        created on the GPU) or is read from sources (its tensors were never filled, so freeing them returns
-        nothing) needs its whole slab in new RAM.
+        created on the GPU), is read from sources (its tensors were never filled, so freeing them returns
+        nothing) or views a mapped file (page cache, which the slab does not give back) needs its whole
+        slab in new RAM.
         """
         sources = sources or {}
         free = available_ram()
         if free is None or self.offload_device.type != "cpu":
             return
+        mappings = file_mappings()
         sizes = [_layout_size(u) for u in units]
         elsewhere = sum(
             size
             for size, u in zip(sizes, units, strict=True)
-            if any(t.device.type != "cpu" or id(t) in sources for *_, t in u.tensors())
+            if any(
+                t.device.type != "cpu"
+                or id(t) in sources
+                or any(file_backing(leaf, mappings) is not None for leaf in _leaves(t))
+                for *_, t in u.tensors()
+            )
         )
         needed = elsewhere + max(sizes)
         if needed <= free:

@@ -284,3 +284,18 @@ def test_a_unit_with_some_tensors_in_ram_keeps_only_those_in_a_small_slab(tmp_pa
         )
         for u in engine.swapped_units
     ) == sum(u.param_bytes() for u in engine.swapped_units)
+
+
+def test_slabs_of_file_backed_units_need_new_ram_and_auto_leaves_them_in_the_file(mapped_model, monkeypatch):
+    """A slab copied from a mapped file frees nothing (the file's pages are page cache): "ram" needs every
+    slab in new RAM and refuses with numbers when it is not there; "auto" leaves the units in the file."""
+    model, inputs, reference, _mapped = mapped_model
+    sizes = [bm._layout_size(u) for u in make_engine(model, 4).swapped_units]
+    monkeypatch.setattr(hm, "available_ram", lambda: 3 * max(sizes) // 2)
+    monkeypatch.setattr(hm, "total_ram", lambda: 4 * max(sizes))
+    with pytest.raises(bm.HostMemoryError, match="Not enough free RAM"):
+        make_engine(model, 4, host_memory="ram").park()
+    engine = make_engine(model, 4, host_memory="auto")
+    with engine.attached():
+        assert torch.equal(model(**inputs), reference)
+    assert all(u.in_file for u in engine.swapped_units)
