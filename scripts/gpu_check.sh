@@ -95,3 +95,13 @@ for H in $(ls -d .hosts/*0.8.1*/ .hosts/*0.33*/ 2>/dev/null | sed 's:/$::'); do
       2>&1 | tee "$OUTDIR/bench2_${V}_$(basename "$F").log" | tail -12
   done
 done
+
+# ---- host tiers (issue 21; a separate block, merged into the bench profile by whoever rewrites this
+# script): step time, copy GB/s and anonymous RSS per host tier (pinned slabs, pageable slabs, the file
+# tier with a warm and a cold page cache), 14B block shapes, 6 blocks all swapped, 32,760 and 1,560 tokens.
+if [[ " ${PARTS_TIERS:-tiers} " == *" tiers "* ]]; then
+  echo "== host tiers: 14B blocks, file / file-cold / pageable / pinned"
+  timeout ${TIERS_TIMEOUT:-300} $PY test_performance.py --preset 14b --layers 6 --blocks-to-swap 6 \
+    --tokens 32760,1560 --prefetch 1 --non-blocking --steps 2 --host-tiers \
+    --output "$OUTDIR/bench_host_tiers.json" 2>&1 | tee "$OUTDIR/bench_host_tiers.log" | tail -14
+fi
