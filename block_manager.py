@@ -434,7 +434,6 @@ class BlockSwapEngine:
         self.placement = placement
         self._placement = _StandalonePlacement() if placement == "standalone" else _HostPlacement()
         self.on_unit_loaded = on_unit_loaded
-        self.on_slab_built = on_slab_built
         self.reader_streams = reader_streams
         self.transport_factory = transport_factory
 
@@ -490,6 +489,15 @@ class BlockSwapEngine:
         return result
 
     # -- public state --------------------------------------------------------------------------
+
+    @property
+    def on_slab_built(self) -> Callable[[int, int], None] | None:
+        """fn(done, total) after each swapped unit's host copy is made (the host tier calls it)."""
+        return self.host.on_slab_built
+
+    @on_slab_built.setter
+    def on_slab_built(self, callback: Callable[[int, int], None] | None) -> None:
+        self.host.on_slab_built = callback
 
     @property
     def is_attached(self) -> bool:

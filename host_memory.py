@@ -342,7 +342,8 @@ class HostSlabs:
     pinned_budget_bytes: most host RAM all engines together may page-lock, an int or a function returning
         one; None: a safe share of physical RAM.
     counters: the engine's counters (slab builds and source reads are counted there).
-    on_slab_built: fn(done, total) after each slab is built (a progress bar).
+    on_slab_built: fn(done, total) after each unit's host copy is made or it is bound to its file (a
+        progress bar; `done` counts the units in their order).
     remember_home: fn(unit, device) before a unit's tensors move into a new slab (where they were).
     tier: "auto", "ram" or "file" (see `choose_file_tier`).
     """
@@ -417,14 +418,18 @@ class HostSlabs:
         if not to_build:
             return
         started = time.perf_counter()
-        in_files = to_build
+        every = to_build
         to_build = self._leave_in_files(to_build, sources)
-        in_files = [u for u in in_files if u.in_file]
+        in_files = [u for u in every if u.in_file]
         if to_build:
             self.check_ram_for(to_build, sources)
         budget = self.budget() if pin else 0
         pinned_bytes, warned_pin = 0, False
-        for done, unit in enumerate(to_build, 1):
+        for done, unit in enumerate(every, 1):
+            if unit.in_file:  # bound to its file already: only the progress to report
+                if self.on_slab_built is not None:
+                    self.on_slab_built(done, len(every))
+                continue
             allowed = self.may_pin(_layout_size(unit), budget, self.pinned_bytes(units))
             if self._build_slab(unit, pin and allowed, sources):
                 pinned_bytes += unit.nbytes
@@ -438,7 +443,7 @@ class HostSlabs:
                     unit.name,
                 )
             if self.on_slab_built is not None:
-                self.on_slab_built(done, len(to_build))
+                self.on_slab_built(done, len(every))
         total = sum(u.nbytes for u in to_build)
         log.info(
             "[BlockSwap] Host copies of %d swapped units built: %s (%s pinned, %s pageable) in %.2f s; "

@@ -299,3 +299,18 @@ def test_slabs_of_file_backed_units_need_new_ram_and_auto_leaves_them_in_the_fil
     with engine.attached():
         assert torch.equal(model(**inputs), reference)
     assert all(u.in_file for u in engine.swapped_units)
+
+
+def test_progress_counts_units_left_in_files_and_a_callback_set_later(mapped_model, monkeypatch):
+    """The combined loader sets the progress callback on an existing engine; units bound to their file
+    count as done too, in unit order."""
+    model, _inputs, _reference, _mapped = mapped_model
+    monkeypatch.setattr(hm, "total_ram", lambda: 100 * 2**20)
+    size = bm._layout_size(make_engine(model, 4).swapped_units[0])
+    monkeypatch.setattr(hm, "available_ram", lambda: 25 * 2**20 + size + 1)  # one slab, three in the file
+    engine = make_engine(model, 4)
+    ticks = []
+    engine.on_slab_built = lambda done, total: ticks.append((done, total))
+    engine.park()
+    assert ticks == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert [u.in_file for u in engine.swapped_units] == [False, True, True, True]
