@@ -573,7 +573,11 @@ class HostSlabs:
     def _pin_adopted_slabs(self, units: list[SwapUnit]) -> None:
         """Pin, within the budget, slabs this plan took over pageable (from a plan made without
         use_non_blocking, or beyond the budget then): without it their copies could never overlap."""
-        pageable = [u for u in units if u.slab is not None and not u.slab_pinned and not u.pin_failed]
+        pageable = [
+            u
+            for u in units
+            if u.slab is not None and not u.in_file and not u.slab_pinned and not u.pin_failed
+        ]
         if not pageable:
             return
         budget = self.budget()

@@ -20,8 +20,9 @@ MIB = 2**20
 
 def make_engine(model, blocks_to_swap, **kwargs):
     choice = wu.select_wan_units(model, blocks_to_swap, offload_txt_emb=kwargs.pop("offload_txt_emb", False))
+    device = kwargs.pop("compute_device", "cpu")
     return bm.BlockSwapEngine(
-        choice.units, choice.swap, "cpu", prefetch_blocks=kwargs.pop("prefetch", 1), **kwargs
+        choice.units, choice.swap, device, prefetch_blocks=kwargs.pop("prefetch", 1), **kwargs
     )
 
 
@@ -314,3 +315,37 @@ def test_progress_counts_units_left_in_files_and_a_callback_set_later(mapped_mod
     engine.park()
     assert ticks == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert [u.in_file for u in engine.swapped_units] == [False, True, True, True]
+
+
+def test_on_a_gpu_only_ram_slabs_are_pinned_and_file_units_stay_unpinned(mapped_model, monkeypatch):
+    """FakeCudart: with use_non_blocking a plan pins its RAM slabs; units left in the file pin nothing."""
+    registered = {}
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, size, flags):
+            registered[ptr] = size
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            registered.pop(ptr, None)
+            return 0
+
+    monkeypatch.setattr(hm, "_cuda_runtime", Runtime)
+    model, _inputs, _reference, _mapped = mapped_model
+    for block in model.blocks:  # norms in anonymous RAM: each file unit gets a small slab of its own
+        for module in block.modules():
+            for attr, p in module._parameters.items():
+                if p is not None and "norm" in type(module).__name__.lower():
+                    _set_tensor(module, attr, True, p.detach().clone())
+    monkeypatch.setattr(hm, "total_ram", lambda: 100 * 2**20)
+    size = bm._layout_size(make_engine(model, 4).swapped_units[0])
+    monkeypatch.setattr(hm, "available_ram", lambda: 25 * 2**20 + size + 1)
+    engine = make_engine(model, 4, compute_device="cuda", use_non_blocking=True, pinned_budget_bytes=2**40)
+    engine.park()
+    engine.park()  # a second park (every attach) pins nothing more
+    units = engine.swapped_units
+    assert [u.in_file for u in units] == [False, True, True, True]
+    assert all(u.slab is not None for u in units[1:])
+    assert list(registered.values()) == [units[0].nbytes] and engine.pinned_bytes() == units[0].nbytes
+    engine.release()
+    assert registered == {}

@@ -226,3 +226,23 @@ def test_cuda_slabs_adopted_across_swap_sets_stay_pinned_and_pageable_ones_get_p
     _pinned_as_recorded(fewer)
     fewer.release()
     assert bm.pinned_bytes_in_use() == before
+
+
+def test_cuda_file_tier_copies_from_the_mapped_file_bit_identically(model, tmp_path):
+    """Blocks left in their file (host_memory="file") are copied to the slot from the file's mapping."""
+    from wan22_blockswap.bench.file_backed import FileBackedBlocks
+
+    inputs = sm.example_inputs(model, tokens=1024, vace_contexts=1)
+    reference = reference_output(model, inputs)
+    files = FileBackedBlocks(model, tmp_path / "blocks.bin")
+    files.bind()
+    engine = engine_for(model, 8, 1, True, host_memory="file")
+    for cold in (False, True):
+        if cold:
+            files.drop_page_cache()
+        with engine.attached(), torch.inference_mode():
+            assert torch.equal(model(**inputs), reference)
+    blocks = [u for u in engine.swapped_units if u.name.startswith("blocks.")]
+    assert blocks and all(u.in_file for u in blocks)
+    assert engine.pinned_bytes() == sum(u.nbytes for u in engine.swapped_units if not u.in_file)
+    engine.release()
