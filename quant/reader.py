@@ -266,6 +266,21 @@ def check_gguf_bounds(path: str) -> None:
             view.release()
 
 
+def _element_count(dims: np.ndarray) -> int:
+    """The product of a tensor's dimensions (a view of the header), exact (Python ints: no wrap-around)
+    without turning a damaged count of millions of dimensions into as many Python ints."""
+    if (dims == 0).any():
+        return 0
+    counted = dims[dims != 1]
+    if len(counted) > 64:
+        return 2**64 * math.prod(int(d) for d in counted[:64])  # each >= 2: more than any file holds
+    return math.prod(int(d) for d in counted)
+
+
+def _shape_text(dims: np.ndarray) -> str:
+    return str(tuple(int(d) for d in dims)) if len(dims) <= 8 else f"of {len(dims)} dimensions"
+
+
 def _check_layout(cur: _HeaderCursor, size: int) -> None:
     path = cur.path
     if bytes(cur.view[:4]) != b"GGUF":
@@ -299,9 +314,8 @@ def _check_layout(cur: _HeaderCursor, size: int) -> None:
         # No cap at llama.cpp's 4 dims: gguf's writer stores a 5-D array (WAN's patch embedding) as it is
         # and its reader reads it back, as ComfyUI-GGUF does. The count is bounded by the bytes left.
         n_dims = cur.take("<I", f"the dimension count of tensor {name!r}")
-        start = cur.pos
+        dims_at = cur.pos
         cur.skip(8 * n_dims, f"the shape of tensor {name!r} ({n_dims} dimensions)")
-        dims = struct.unpack_from(f"<{n_dims}Q", cur.view, start)
         raw_type = cur.take("<I", f"the type of tensor {name!r}")
         offset = cur.take("<Q", f"the offset of tensor {name!r}")
         try:
@@ -309,8 +323,10 @@ def _check_layout(cur: _HeaderCursor, size: int) -> None:
             block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
             raise ValueError(f"{path}: tensor {name!r} has unknown GGML type {raw_type}") from None
-        elements = math.prod(dims)  # Python ints: no wrap-around
-        tensors.append((name, offset, elements * type_size // block_size, tuple(dims)))
+        dims = np.frombuffer(cur.view, "<u8", n_dims, dims_at)
+        elements, shape = _element_count(dims), _shape_text(dims)
+        del dims  # a view of the map: the map is closed when this check ends
+        tensors.append((name, offset, elements * type_size // block_size, shape))
     data_start = cur.pos + (-cur.pos % alignment)
     expected = 0
     for name, offset, nbytes, dims in tensors:
