@@ -294,6 +294,42 @@ def check_complete_wan(
             f"{name} is not a complete WAN model: {'; '.join(problems)}. Detected {detection.describe()}; "
             "the file is damaged or incomplete (download it again)"
         )
+    unused, built = unbuilt_block_tensors(prefix, shapes, expected)
+    if unused:
+        raise ValueError(
+            f"{name} is damaged or not a WAN file: {len(unused)} of its tensors belong to blocks the model "
+            f"ComfyUI builds from it does not have ({built}; it counts blocks from 0 up to the first gap): "
+            f"{_listing(unused)}"
+        )
+
+
+def unbuilt_block_tensors(
+    prefix: str, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
+) -> tuple[list[str], str]:
+    """(file tensors under an entry of a block list the model has but not that entry, e.g. ``blocks.9.*``
+    when ComfyUI built blocks 0-6; the block counts it built, e.g. "7 blocks").
+
+    ComfyUI counts consecutive blocks, so a block renamed or dropped in the middle gives a shorter model
+    and its tensors are only reported as "unet unexpected"."""
+    modules = {
+        ".".join(parts[:i]) for parts in (key.split(".") for key in expected) for i in range(1, len(parts))
+    }
+    unused, lists = [], set()
+    for stored in shapes:
+        if not stored.startswith(prefix) or stored[len(prefix) :] in expected:
+            continue
+        parts = stored[len(prefix) :].split(".")[:-1]
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index is None or ".".join(parts[:index]) not in modules:
+            continue  # not an entry of a block list the model has (left to ComfyUI)
+        if ".".join(parts[: index + 1]) not in modules:
+            unused.append(stored)
+            lists.add(".".join(parts[:index]))
+    counts = []
+    for name in sorted(lists):
+        n = sum(1 for m in modules if m.startswith(name + ".") and m[len(name) + 1 :].isdigit())
+        counts.append(f"{n} {name}")
+    return unused, ", ".join(counts)
 
 
 def _comfy_load(name: str, load, *args, **kwargs):
