@@ -96,3 +96,32 @@ def test_readme_and_docs_links_lead_somewhere():
         for target in re.findall(r"\]\(([^)#]+)\)", doc.read_text()):
             if "://" not in target:
                 assert (doc.parent / target).exists(), f"{doc.name}: {target}"
+
+
+def _registered_node_ids() -> set[str]:
+    """The ids nodes.py registers (read from its source: importing it needs ComfyUI)."""
+    source = (ROOT / "nodes.py").read_text()
+    literal = source[
+        source.index("NODE_CLASS_MAPPINGS = {") : source.index("}", source.index("NODE_CLASS_MAPPINGS = {"))
+    ]
+    return set(re.findall(r'"(\w+)":', literal)) | set(
+        re.findall(r'NODE_CLASS_MAPPINGS\["(\w+)"\] =', source)
+    )
+
+
+def test_every_node_id_has_a_help_page():
+    """web/docs/<id>.md or web/docs/<id>/en.md, as the frontend looks them up (the browser test opens them)."""
+    ids = _registered_node_ids()
+    assert len(ids) == 6, ids
+    for node_id in ids:
+        assert (HELP / f"{node_id}.md").is_file() or (HELP / node_id / "en.md").is_file(), node_id
+    pages = {p.stem for p in HELP.glob("*.md")} | {p.parent.name for p in HELP.glob("*/en.md")}
+    assert pages == ids
+
+
+def test_help_page_paths_differ_on_case_insensitive_file_systems():
+    """wan22BlockSwap and WAN22BlockSwap differ only by case: their pages must not share a path on Windows or
+    macOS (a file and a folder of different names), and hold the same text (either may be served for both)."""
+    names = [p.name.lower() for p in HELP.iterdir()]
+    assert len(names) == len(set(names)), names
+    assert (HELP / "WAN22BlockSwap" / "en.md").read_text() == (HELP / "wan22BlockSwap.md").read_text()
