@@ -379,7 +379,7 @@ class StreamModel:
                     kind = "write" if is_write else "read"
                     self.races.append(
                         f"{stream.name}: {desc} ({kind}) is not ordered after {other.name}'s op {last} on that "
-                        f"memory (it knows {clock.get(other, 0)} of {other.name}'s ops done)"
+                        f"memory (ordered after only {clock.get(other, 0)} of its ops)"
                     )
             entry = state.last.setdefault(stream, [0, 0])
             entry[1 if is_write else 0] = pos
