@@ -796,6 +796,7 @@ class BlockSwapEngine:
         if self._run is not None:
             log.debug("[BlockSwap] attach(): already attached, nothing to do")
             return
+        self._refuse_graph_capture()  # before anything is copied: a capture would record the copies too
         try:
             self._ensure_slabs()
             self._placement.before_run(self)
@@ -1081,7 +1082,6 @@ class BlockSwapEngine:
     # -- runs ----------------------------------------------------------------------------------
 
     def _start_run(self) -> _Run:
-        self._refuse_graph_capture()
         n = self.num_slots()
         size = max((u.nbytes for u in self.order), default=0)
         # Slots first, then the transport: it orders the copy stream after the compute stream that owns
