@@ -388,15 +388,18 @@ def _release_after_copies(pinned: list[torch.Tensor], copy_streams: list) -> Non
     # The engine's finalizer: copies still in flight read the pinned slabs, so the host waits for them
     # before unregistering the memory.
     for stream in copy_streams:
-        stream.synchronize()
+        try:
+            stream.synchronize()
+        except RuntimeError:  # CUDA already torn down at interpreter exit: nothing is in flight any more
+            pass
     _release_slabs(pinned)
 
 
 CUDA_GRAPH_MESSAGE = (
-    "[BlockSwap] The model is running inside a CUDA graph capture (torch.compile mode='reduce-overhead' or "
-    "'max-autotune', the 'cudagraphs' backend, or torch.cuda.graph): a graph replays fixed weight addresses, "
-    "while BlockSwap moves swapped blocks through rotating GPU slots every step, so the output would be "
-    "silently wrong. Use the default torch.compile mode (or another without CUDA graphs), or no block swapping."
+    "[BlockSwap] Called inside a CUDA graph capture (torch.cuda.graph, or a torch.compile mode='reduce-overhead' "
+    "/ cudagraphs backend that records BlockSwap's hooks): a graph replays the weight addresses and copies it "
+    "recorded, while BlockSwap fills its GPU slots anew every step, so the replays would be silently wrong. "
+    "Use the default torch.compile mode (or another without CUDA graphs), or no block swapping."
 )
 
 

@@ -288,7 +288,7 @@ def test_a_run_inside_a_cuda_graph_capture_is_refused_naming_the_setting(cuda_mo
     with torch.no_grad(), model:
         model.capturing = True
         with pytest.raises(
-            RuntimeError, match=r"torch\.compile mode='reduce-overhead'.*default torch\.compile mode"
+            RuntimeError, match=r"CUDA graph capture.*mode='reduce-overhead'.*default torch\.compile mode"
         ):
             engine.attach()
         model.capturing = False
