@@ -92,6 +92,28 @@ def test_back_to_back_runs_without_a_host_sync(cuda_model, copies, compute):
     assert model.log.count(("synchronize", "all")) == 0  # nothing but the stream protocol orders the runs
 
 
+def test_a_timed_run_reads_its_events_only_after_they_completed(cuda_model):
+    """debug / time_next_run: CUDA events around every copy and swapped unit, read at the end of the run (the
+    model refuses elapsed_time on an event still pending)."""
+    units = chain()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = run_chain(units, range(5), x)
+    model = cuda_model("late", "late")
+    engine = streamed_engine(units, model, 1)
+    engine.time_next_run = True
+    with torch.no_grad(), model:
+        with engine.attached():
+            assert torch.equal(run_chain(units, range(5), x), expected)
+        stats = engine.last_run
+        assert stats.copies == engine.counters.copies and stats.computes == engine.counters.unit_runs == 5
+        assert stats.copy_ms > 0 and stats.compute_ms > 0
+        with engine.attached():
+            run_chain(units, range(5), x)
+    assert engine.last_run.copies == 0  # only the next run is timed
+    assert model.races == []
+
+
 def test_a_run_cut_short_by_an_exception_leaves_no_copy_racing_the_next(cuda_model):
     units = chain()
     x = torch.randn(3, 16)
