@@ -14,6 +14,7 @@ in the sampler's `finally`, also after an exception or an interrupt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 import weakref
@@ -22,7 +23,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from .block_manager import BlockSwapEngine, default_pinned_budget
+from .block_manager import BlockSwapEngine, default_pinned_budget, inner_tensors, tensor_nbytes
 from .config import SwapConfig
 from .quant.reader import is_gguf_weight
 from .utils import format_bytes
@@ -218,6 +219,20 @@ class SwapPlan:
         finally:
             self.engine.on_slab_built = previous
 
+    def modules_in_slabs(self) -> list[torch.nn.Module]:
+        """Every module of the swapped units whose tensors all lie in their host slab now (a unit that another
+        patcher moved out of it, e.g. an unswapped clone's full load, is not listed)."""
+        modules = []
+        for unit in self.engine.swapped_units:
+            if unit.slab is None:
+                continue
+            start, end = unit.slab.data_ptr(), unit.slab.data_ptr() + unit.slab.numel()
+            if all(
+                start <= part.data_ptr() < end for *_, t in unit.tensors() for _, part in inner_tensors(t)
+            ):
+                modules.extend(unit.module.modules())
+        return modules
+
     def prepare_load(self, patcher) -> None:
         """Called by the patcher's load(): swapped units go (or stay) in host RAM, never to the GPU."""
         self._patcher_ref = weakref.ref(patcher)
@@ -375,6 +390,22 @@ def _comfy_offload_streams(device: torch.device):
     return streams
 
 
+@contextlib.contextmanager
+def kept_out_of_moves(modules: list[torch.nn.Module]):
+    """While active, `Module.to()` / `_apply` of any ancestor skips these modules' own parameters and buffers
+    (their tables are empty for the duration), so ComfyUI's `model.to(device)` moves everything else.
+
+    Nothing but the move may run inside: a parameter set on a hidden module meanwhile would be lost."""
+    saved = [(m, m.__dict__["_parameters"], m.__dict__["_buffers"]) for m in modules]
+    try:
+        for m, _, _ in saved:
+            m.__dict__["_parameters"], m.__dict__["_buffers"] = {}, {}
+        yield
+    finally:
+        for m, params, buffers in saved:
+            m.__dict__["_parameters"], m.__dict__["_buffers"] = params, buffers
+
+
 def plan_of(patcher) -> SwapPlan | None:
     attachments = getattr(patcher, "attachments", None) or {}
     return attachments.get(ATTACHMENT_KEY)
@@ -416,6 +447,23 @@ class BlockSwapPatcherMixin:
             if changed and getattr(self.model, "current_weight_patches_uuid", None) is not None:
                 self.model.current_weight_patches_uuid = uuid.uuid4()
         return super().partially_load(device_to, extra_memory, force_patch_weights=force_patch_weights)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True, *args, **kwargs):
+        """ComfyUI's unpatch ends with `model.to(device_to)`, its offload device: the GPU itself with --highvram /
+        --gpu-only (and ComfyUI then counts 0 loaded). Every unload takes this path (`unload_all_models`, the
+        free_memory before a VAE decode, a looper turn, the reload after an auto re-plan). The swapped units in
+        their host slabs are kept out of that move, so they never reach the device; the rest moves as ComfyUI
+        moves it."""
+        module = getattr(getattr(self, "model", None), "diffusion_model", None)
+        plan = (
+            owner_plan(module) if module is not None and unpatch_weights and device_to is not None else None
+        )
+        if plan is None:
+            return super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
+        # ComfyUI restores fused originals inside unpatch_model: for the kept-out modules do it first, as it would.
+        plan._restore_original_weights(self)
+        with kept_out_of_moves(plan.modules_in_slabs()):
+            return super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
 
     def _load_list(self, *args, **kwargs):
         entries = super()._load_list(*args, **kwargs)
@@ -459,10 +507,37 @@ class BlockSwapPatcherMixin:
             full_load=False,
             **kwargs,
         )
-        # ComfyUI's loaded-memory figure stays what it counted: the resident weights it moved. The slots
-        # exist only during a run; room for them was kept by loading `slot_bytes` less than granted.
+        # ComfyUI's loaded-memory figure stays what it counted: the resident weights it moved (and those placed
+        # below). The slots exist only during a run; room for them was kept by loading `slot_bytes` less than
+        # granted.
+        if device_to is not None:
+            self.model.model_loaded_weight_memory += self._place_unlisted(plan, device_to)
         plan.apply_cast_flags(self)
         return result
+
+    def _place_unlisted(self, plan: SwapPlan, device_to) -> int:
+        """Move the resident weights ComfyUI's load never lists to `device_to`; returns their bytes.
+
+        Its `_load_list` holds leaf modules only, so a parameter of a module with children (each block's
+        `modulation`, `head.modulation`, `img_emb.emb_pos`) moves only in its full load (`model.to`), which this
+        patcher never lets it make: WAN's forward would copy each from host RAM, with a host sync, in every call.
+        They move here as that full load would move them (swapped units and listed modules kept out of it) and
+        are counted as loaded; ComfyUI's unpatch moves them back with the rest and resets the count.
+        """
+        diffusion_model = self.model.diffusion_model
+        listed = {id(entry[-2]) for entry in self._load_list()}
+        others, targets, nbytes = [], [], 0
+        for module in diffusion_model.modules():
+            own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+            if own and id(module) not in listed and id(module) not in plan.swapped_module_ids:
+                targets.append(module)
+                nbytes += sum(tensor_nbytes(t) for t in own)
+            else:
+                others.append(module)
+        if targets:
+            with kept_out_of_moves(others):
+                diffusion_model.to(device_to)
+        return nbytes
 
 
 _PATCHER_CLASSES: dict[type, type] = {}
