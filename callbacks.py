@@ -41,6 +41,36 @@ _MODULE_OWNERS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[SwapPlan]
 )
 
 
+# Diffusion module -> the combined loader's held-back copies (loader.HeldBackCopies) not made yet: its resident
+# weights, read from the file into their parameters where ComfyUI's first load of the module puts them.
+_UNFILLED: weakref.WeakKeyDictionary[torch.nn.Module, object] = weakref.WeakKeyDictionary()
+
+
+def fill_at_first_load(module: torch.nn.Module, copies) -> None:
+    """`copies` (sources(), owner(key), drop(keys), complete(only=..., on_copy=...)) are made at the first load
+    of `module` by a BlockSwap patcher, or before anything else reads its weights through one."""
+    if copies.pending:
+        _UNFILLED[module] = copies
+
+
+def fill_held_back(module: torch.nn.Module, only=None, progress: bool = False) -> None:
+    """Make `module`'s held-back copies (those in `only`, or all) into its parameters where they lie now."""
+    copies = _UNFILLED.get(module)
+    if copies is None:
+        return
+    count = len(copies.pending) if only is None else len(copies.pending.keys() & only)
+    on_copy = None
+    if progress and count:
+        import comfy.utils
+
+        bar = comfy.utils.ProgressBar(count)
+        on_copy = lambda _dst: bar.update(1)  # noqa: E731
+    if count:
+        copies.complete(only=only, on_copy=on_copy)
+    if not copies.pending:
+        _UNFILLED.pop(module, None)
+
+
 def owner_plan(module: torch.nn.Module) -> SwapPlan | None:
     """The plan that owns `module`'s swapped tensors now, if any."""
     ref = _MODULE_OWNERS.get(module)
@@ -245,7 +275,13 @@ class SwapPlan:
         self._restore_original_weights(patcher)
         _drop_dynamic_state(self.diffusion_model)
         self.take_module()
-        self.engine.park()
+        # Units that joined since the combined loader read the file (auto) are read from it into their slabs too.
+        unfilled = _UNFILLED.get(self.diffusion_model)
+        self.engine.park(unfilled.sources() if unfilled is not None else None)
+        if unfilled is not None:
+            unfilled.drop([id(t) for unit in self.engine.swapped_units for *_, t in unit.tensors()])
+            if not unfilled.pending:
+                _UNFILLED.pop(self.diffusion_model, None)
 
     def _restore_original_weights(self, patcher) -> None:
         """Swapped weights that a ComfyUI load fused a LoRA into go back to their originals first.
@@ -271,6 +307,7 @@ class SwapPlan:
             return
         self._patcher_ref = weakref.ref(patcher)
         self.take_module()
+        fill_held_back(self.diffusion_model)  # a run without ComfyUI's load (no-op after it)
         self._install_lora(patcher)
         if self.config.block_swap_debug and not self._logged_plan:
             self._logged_plan = True
@@ -489,6 +526,10 @@ class BlockSwapPatcherMixin:
             whole = full_load or lowvram_model_memory == 0
             plan.replan(float("inf") if whole else lowvram_model_memory, super().model_size())
         plan.prepare_load(self)
+        if plan.diffusion_model in _UNFILLED:
+            # Weights ComfyUI reads while it loads (it fuses patches into them) are filled first, in host RAM;
+            # the rest after it placed them, where they lie.
+            fill_held_back(plan.diffusion_model, only=self._read_while_loading(), progress=True)
         if full_load or lowvram_model_memory == 0:
             budget = 1e32  # "load everything" - of what the load list still holds
         else:
@@ -512,8 +553,33 @@ class BlockSwapPatcherMixin:
         # granted.
         if device_to is not None:
             self.model.model_loaded_weight_memory += self._place_unlisted(plan, device_to)
+        fill_held_back(plan.diffusion_model, progress=True)
         plan.apply_cast_flags(self)
         return result
+
+    def _read_while_loading(self) -> set[int]:
+        """Held-back parameters whose value ComfyUI's load reads: those it patches (LoRA, merges), or every one
+        while weight hooks are set (it applies them at the end of its load)."""
+        copies = _UNFILLED[self.model.diffusion_model]
+        if getattr(self, "hook_patches", None):
+            return set(copies.pending)
+        paths = {id(m): name for name, m in self.model.named_modules()}
+        read = set()
+        for key in copies.pending:
+            owner = copies.owner(key)
+            if owner is not None and f"{paths.get(id(owner[0]))}.{owner[1]}" in self.patches:
+                read.add(key)
+        return read
+
+    def get_key_patches(self, *args, **kwargs):
+        fill_held_back(
+            self.model.diffusion_model
+        )  # its weights are handed out (ModelMergeSimple and the like)
+        return super().get_key_patches(*args, **kwargs)
+
+    def model_state_dict(self, *args, **kwargs):
+        fill_held_back(self.model.diffusion_model)
+        return super().model_state_dict(*args, **kwargs)
 
     def _place_unlisted(self, plan: SwapPlan, device_to) -> int:
         """Move the resident weights ComfyUI's load never lists to `device_to`; returns their bytes.
