@@ -443,6 +443,24 @@ def kept_out_of_moves(modules: list[torch.nn.Module]):
             m.__dict__["_parameters"], m.__dict__["_buffers"] = params, buffers
 
 
+@contextlib.contextmanager
+def slabs_kept_out_of_moves(model: torch.nn.Module, plan: SwapPlan):
+    """While active, `model.to()` (ComfyUI's move of its whole model) leaves the swapped units that lie in their
+    host slabs where they are; everything else it does (restoring fused weights, unpinning) sees the model
+    whole. Only that one call is affected: an attribute on this model object, removed afterwards."""
+    move = model.to
+
+    def to(*args, **kwargs):
+        with kept_out_of_moves(plan.modules_in_slabs()):
+            return move(*args, **kwargs)
+
+    model.__dict__["to"] = to
+    try:
+        yield
+    finally:
+        model.__dict__.pop("to", None)
+
+
 def plan_of(patcher) -> SwapPlan | None:
     attachments = getattr(patcher, "attachments", None) or {}
     return attachments.get(ATTACHMENT_KEY)
@@ -497,9 +515,7 @@ class BlockSwapPatcherMixin:
         )
         if plan is None:
             return super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
-        # ComfyUI restores fused originals inside unpatch_model: for the kept-out modules do it first, as it would.
-        plan._restore_original_weights(self)
-        with kept_out_of_moves(plan.modules_in_slabs()):
+        with slabs_kept_out_of_moves(self.model, plan):
             return super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
 
     def _load_list(self, *args, **kwargs):

@@ -374,7 +374,7 @@ def dynamic_vram_on():
         yield
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "gguf"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_scaled", "gguf"])
 def test_with_dynamic_vram_on_the_swapped_blocks_are_still_read_from_the_file_into_their_slabs_only(
     fmt, names, monkeypatch
 ):
@@ -391,7 +391,8 @@ def test_with_dynamic_vram_on_the_swapped_blocks_are_still_read_from_the_file_in
         assert callbacks.plan_of(model).engine.counters.slab_tensors_from_sources == len(plain)
         swapped_ids = {id(t) for t in plain}
         resident = [t for t in model.model.diffusion_model.parameters() if id(t) not in swapped_ids]
-        assert {id(t) for t in resident if type(t) is torch.nn.Parameter} <= SpyHeldBack.held
+        if fmt != "fp8_scaled":  # (its mixed-precision layers take some as views of the file: nothing read)
+            assert {id(t) for t in resident if type(t) is torch.nn.Parameter} <= SpyHeldBack.held
         out = sample(model, steps=2)
         del model
         mm.unload_all_models()
