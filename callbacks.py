@@ -448,7 +448,7 @@ def slabs_kept_out_of_moves(model: torch.nn.Module, plan: SwapPlan):
     """While active, `model.to()` (ComfyUI's move of its whole model) leaves the swapped units that lie in their
     host slabs where they are; everything else it does (restoring fused weights, unpinning) sees the model
     whole. Only that one call is affected: an attribute on this model object, removed afterwards."""
-    move = model.to
+    move, previous = model.to, model.__dict__.get("to")
 
     def to(*args, **kwargs):
         with kept_out_of_moves(plan.modules_in_slabs()):
@@ -458,7 +458,10 @@ def slabs_kept_out_of_moves(model: torch.nn.Module, plan: SwapPlan):
     try:
         yield
     finally:
-        model.__dict__.pop("to", None)
+        if previous is None:
+            model.__dict__.pop("to", None)
+        else:
+            model.__dict__["to"] = previous
 
 
 def plan_of(patcher) -> SwapPlan | None:
@@ -587,10 +590,10 @@ class BlockSwapPatcherMixin:
                 read.add(key)
         return read
 
+    # Both hand out the weights themselves (model merging, saving): held-back ones are filled first.
+
     def get_key_patches(self, *args, **kwargs):
-        fill_held_back(
-            self.model.diffusion_model
-        )  # its weights are handed out (ModelMergeSimple and the like)
+        fill_held_back(self.model.diffusion_model)
         return super().get_key_patches(*args, **kwargs)
 
     def model_state_dict(self, *args, **kwargs):
@@ -603,8 +606,9 @@ class BlockSwapPatcherMixin:
         Its `_load_list` holds leaf modules only, so a parameter of a module with children (each block's
         `modulation`, `head.modulation`, `img_emb.emb_pos`) moves only in its full load (`model.to`), which this
         patcher never lets it make: WAN's forward would copy each from host RAM, with a host sync, in every call.
-        They move here as that full load would move them (swapped units and listed modules kept out of it) and
-        are counted as loaded; ComfyUI's unpatch moves them back with the rest and resets the count.
+        They move here as that full load would move them (swapped units and listed modules kept out of it), also
+        when ComfyUI offloads some layers (a few kB per block), and are counted as loaded; ComfyUI's unpatch
+        moves them back with the rest and resets the count.
         """
         diffusion_model = self.model.diffusion_model
         listed = {id(entry[-2]) for entry in self._load_list()}
