@@ -133,7 +133,11 @@ class SyncTransport:
 
 
 class CudaStreamTransport:
-    """Copies on a dedicated CUDA stream; compute waits on events, never on the host."""
+    """Copies on a dedicated CUDA stream; compute waits on events, never on the host.
+
+    cuda: the stream API (torch.cuda); the core tests pass a CPU model of it whose work really runs late,
+    so every wait below is checked on every commit.
+    """
 
     def __init__(
         self,
@@ -142,15 +146,22 @@ class CudaStreamTransport:
         non_blocking: bool,
         timing: bool,
         reader_streams: Callable[[], Iterable[torch.cuda.Stream]] | None = None,
+        copy_stream: torch.cuda.Stream | None = None,
+        cuda=torch.cuda,
     ):
         self.device = device
+        self.cuda = cuda
         # Streams other than the compute stream that may read a slot (a host casting weights on its own
         # offload streams): each waits for a slot's copy as well.
         self.reader_streams = reader_streams
         self.non_blocking = non_blocking
-        self.copy_stream = torch.cuda.Stream(device=device)
-        self.ready = [torch.cuda.Event() for _ in range(num_slots)]
-        self.free = [torch.cuda.Event() for _ in range(num_slots)]
+        self.copy_stream = copy_stream if copy_stream is not None else cuda.Stream(device=device)
+        # The slots were just allocated on the compute stream: with the caching allocator (or
+        # cudaMallocAsync) their memory is only free in compute-stream order, and compute still in flight
+        # may read it (a previous run's slots, activations). No copy may write it before that compute.
+        self.copy_stream.wait_stream(cuda.current_stream(device))
+        self.ready = [cuda.Event() for _ in range(num_slots)]
+        self.free = [cuda.Event() for _ in range(num_slots)]
         self.timing = timing
         # (start, end) event pairs, read once at the end of the run, never mid-run.
         self._copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -161,9 +172,9 @@ class CudaStreamTransport:
     def start_copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
         stream = self.copy_stream
         stream.wait_event(self.free[slot])
-        with torch.cuda.stream(stream):
+        with self.cuda.stream(stream):
             if self.timing:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = self.cuda.Event(enable_timing=True), self.cuda.Event(enable_timing=True)
                 start.record(stream)
             dst.copy_(src, non_blocking=self.non_blocking)
             if self.timing:
@@ -172,9 +183,9 @@ class CudaStreamTransport:
         self.ready[slot].record(stream)
 
     def wait_copied(self, slot: int) -> None:
-        compute = torch.cuda.current_stream(self.device)
+        compute = self.cuda.current_stream(self.device)
         if self.timing:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = self.cuda.Event(enable_timing=True), self.cuda.Event(enable_timing=True)
             start.record(compute)
             compute.wait_event(self.ready[slot])
             end.record(compute)
@@ -187,10 +198,10 @@ class CudaStreamTransport:
                 stream.wait_event(self.ready[slot])
 
     def mark_free(self, slot: int) -> None:
-        compute = torch.cuda.current_stream(self.device)
+        compute = self.cuda.current_stream(self.device)
         started = self._compute_start.pop(slot, None) if self.timing else None
         if started is not None:
-            end = torch.cuda.Event(enable_timing=True)
+            end = self.cuda.Event(enable_timing=True)
             end.record(compute)
             self._compute_events.append((started, end))
         self.free[slot].record(compute)
@@ -198,18 +209,37 @@ class CudaStreamTransport:
     def finish(self) -> None:
         # A prefetch that wrapped around to the next step may still be in flight: the compute stream
         # (which will reuse the slot memory through the caching allocator) must not overtake it.
-        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        self.cuda.current_stream(self.device).wait_stream(self.copy_stream)
 
     def stats(self) -> RunStats:
         stats = RunStats()
         if self._copy_events or self._stall_events:
-            torch.cuda.synchronize(self.device)
+            self.cuda.synchronize(self.device)
             stats.copy_ms = sum(s.elapsed_time(e) for s, e in self._copy_events)
             stats.stall_ms = sum(s.elapsed_time(e) for s, e in self._stall_events)
             stats.compute_ms = sum(s.elapsed_time(e) for s, e in self._compute_events)
             stats.copies, stats.computes = len(self._copy_events), len(self._compute_events)
-        stats.peak_allocated = torch.cuda.max_memory_allocated(self.device)
+        stats.peak_allocated = self.cuda.max_memory_allocated(self.device)
         return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Device buffers and CUDA graph capture
+# ----------------------------------------------------------------------------------------------
+
+
+def _device_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A run's slot memory on the compute device (a seam: the CPU stream model replaces it with a caching
+    allocator that hands a run the memory the previous run freed, as torch's does)."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+CUDA_GRAPH_MESSAGE = (
+    "[BlockSwap] Called inside a CUDA graph capture (torch.cuda.graph, or a torch.compile mode='reduce-overhead' "
+    "/ cudagraphs backend that records BlockSwap's hooks): a graph replays the weight addresses and copies it "
+    "recorded, while BlockSwap fills its GPU slots anew every step, so the replays would be silently wrong. "
+    "Use the default torch.compile mode (or another without CUDA graphs), or no block swapping."
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,6 +418,9 @@ class BlockSwapEngine:
     host_memory: where swapped units wait between runs: "ram" (a slab each), "file" (no slab for a unit
         whose tensors are views of a file mapping: copied from the file into the slot), "auto" (slabs
         while they fit the free RAM less a reserve, the file for the rest). See host_memory.py.
+    stream_api: the CUDA stream API the copy stream and events come from (default torch.cuda on a CUDA
+        compute device, none elsewhere); the core tests pass a CPU model of it, which makes a CPU engine
+        run the stream transport.
     """
 
     def __init__(
@@ -406,6 +439,7 @@ class BlockSwapEngine:
         reader_streams: Callable[[], Iterable[torch.cuda.Stream]] | None = None,
         transport_factory: Callable[[int], object] | None = None,
         host_memory: str = "auto",
+        stream_api=None,
     ):
         self.units = self._validate_units(units)
         by_name = {u.name: u for u in self.units}
@@ -436,6 +470,12 @@ class BlockSwapEngine:
         self.on_unit_loaded = on_unit_loaded
         self.reader_streams = reader_streams
         self.transport_factory = transport_factory
+        if stream_api is None and self.compute_device.type == "cuda":
+            stream_api = torch.cuda
+        self._streams = stream_api
+        # One copy stream for the engine's life, made at the first run (see `_copy_stream_for_runs`); the
+        # finalizer holds the list, so it can wait for the stream's copies before unpinning.
+        self._copy_streams: list = []
 
         # The swapped units in execution order; the ring keeps copies `_depth` units ahead.
         self.order: list[SwapUnit] = [u for u in self.units if u.swapped]
@@ -452,6 +492,7 @@ class BlockSwapEngine:
             on_slab_built=on_slab_built,
             remember_home=self._placement.remember_home,
             tier=host_memory,
+            copy_streams=self._copy_streams,
         )
         self._described = False
         self._claim_pinned_share()
@@ -564,6 +605,7 @@ class BlockSwapEngine:
         if self._run is not None:
             log.debug("[BlockSwap] attach(): already attached, nothing to do")
             return
+        self._refuse_graph_capture()  # before anything is copied: a capture would record the copies too
         try:
             self._ensure_slabs()
             self._placement.before_run(self)
@@ -600,6 +642,7 @@ class BlockSwapEngine:
     def release(self) -> None:
         """End of the plan: detach and unpin the slabs. Tensors stay valid (pageable host memory)."""
         self.detach()
+        self._wait_for_copies()
         self.host.release(self.order)
 
     def park(self, sources: Mapping[int, torch.Tensor] | None = None) -> None:
@@ -634,6 +677,7 @@ class BlockSwapEngine:
         unknown = wanted - {u.name for u in self.units}
         if unknown:
             raise ValueError(f"set_swapped names unknown unit(s) {sorted(unknown)}")
+        self._wait_for_copies()
         joined, left = [], []
         for unit in self.units:
             if (unit.name in wanted) == unit.swapped:
@@ -701,9 +745,7 @@ class BlockSwapEngine:
 
     def _ensure_slabs(self, sources: Mapping[int, torch.Tensor] | None = None) -> None:
         """Every swapped unit in its host slab (see `HostSlabs.ensure`)."""
-        pin = (
-            self.use_non_blocking and self.compute_device.type == "cuda" and self.offload_device.type == "cpu"
-        )
+        pin = self.use_non_blocking and self._streams is not None and self.offload_device.type == "cpu"
         self._claim_pinned_share()
         self.host.ensure(self.order, pin, sources)
 
@@ -712,13 +754,21 @@ class BlockSwapEngine:
     def _start_run(self) -> _Run:
         n = self.num_slots()
         size = max((u.nbytes for u in self.order), default=0)
-        slots = [torch.empty(size, dtype=torch.uint8, device=self.compute_device) for _ in range(n)]
+        # Slots first, then the transport: it orders the copy stream after the compute stream that owns
+        # the slots' memory now.
+        slots = [_device_buffer(size, self.compute_device) for _ in range(n)]
         if self.transport_factory is not None:
             transport = self.transport_factory(n)
-        elif self.compute_device.type == "cuda":
+        elif self._streams is not None:
             timing, self.time_next_run = self.debug or self.time_next_run, False
             transport = CudaStreamTransport(
-                self.compute_device, n, self.use_non_blocking, timing, self.reader_streams
+                self.compute_device,
+                n,
+                self.use_non_blocking,
+                timing,
+                self.reader_streams,
+                copy_stream=self._copy_stream_for_runs(),
+                cuda=self._streams,
             )
         else:
             transport = SyncTransport()
@@ -729,6 +779,33 @@ class BlockSwapEngine:
                 unit.module.register_forward_hook(self._make_post_hook(position), always_call=True)
             )
         return run
+
+    def _copy_stream_for_runs(self):
+        """The engine's copy stream, made once and reused by every run.
+
+        torch hands out streams from a small per-device pool in turn (32 per priority), and ComfyUI's
+        offload streams come from the low-priority one: a stream per run would now and then be one of them,
+        and our prefetch would queue behind its casts. A high-priority stream comes from the other pool; it
+        is also checked against the host's streams, which `reader_streams` creates if they do not exist yet.
+        """
+        if not self._copy_streams:
+            theirs = list(self.reader_streams()) if self.reader_streams is not None else []
+            for _ in range(64):
+                stream = self._streams.Stream(device=self.compute_device, priority=-1)
+                if not any(stream == other for other in theirs):
+                    break
+            self._copy_streams.append(stream)
+        return self._copy_streams[0]
+
+    def _wait_for_copies(self) -> None:
+        """The host waits for every copy the engine issued: they read the host slabs, which are about to be
+        unpinned or given up (a run's last prefetch is still in flight after it ends)."""
+        for stream in self._copy_streams:
+            stream.synchronize()
+
+    def _refuse_graph_capture(self) -> None:
+        if self._streams is not None and self._streams.is_current_stream_capturing():
+            raise RuntimeError(CUDA_GRAPH_MESSAGE)
 
     def _prime(self) -> None:
         """Start copying the first units of the pass, so even the run's first unit need not wait."""
@@ -751,6 +828,7 @@ class BlockSwapEngine:
         return post_hook
 
     def _before_unit(self, position: int) -> None:
+        self._refuse_graph_capture()
         run, counters = self._run, self.counters
         n, num_slots = len(self.order), len(run.slots)
         counters.unit_runs += 1

@@ -14,6 +14,7 @@ in the sampler's `finally`, also after an exception or an interrupt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 import weakref
@@ -22,9 +23,9 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from .block_manager import BlockSwapEngine
+from .block_manager import BlockSwapEngine, tensor_nbytes
 from .config import SwapConfig
-from .host_memory import capped_pinned_budget, total_ram
+from .host_memory import at_home, capped_pinned_budget, total_ram
 from .quant.reader import is_gguf_weight
 from .utils import format_bytes
 from .wan.units import WanSwapSelection, auto_wan_selection, select_wan_units
@@ -39,6 +40,36 @@ CALLBACK_KEY = "wan22_blockswap"
 _MODULE_OWNERS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref[SwapPlan]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+# Diffusion module -> the combined loader's held-back copies (loader.HeldBackCopies) not made yet: its resident
+# weights, read from the file into their parameters where ComfyUI's first load of the module puts them.
+_UNFILLED: weakref.WeakKeyDictionary[torch.nn.Module, object] = weakref.WeakKeyDictionary()
+
+
+def fill_at_first_load(module: torch.nn.Module, copies) -> None:
+    """`copies` (sources(), owner(key), drop(keys), complete(only=..., on_copy=...)) are made at the first load
+    of `module` by a BlockSwap patcher, or before anything else reads its weights through one."""
+    if copies.pending:
+        _UNFILLED[module] = copies
+
+
+def fill_held_back(module: torch.nn.Module, only=None, progress: bool = False) -> None:
+    """Make `module`'s held-back copies (those in `only`, or all) into its parameters where they lie now."""
+    copies = _UNFILLED.get(module)
+    if copies is None:
+        return
+    count = len(copies.pending) if only is None else len(copies.pending.keys() & only)
+    on_copy = None
+    if progress and count:
+        import comfy.utils
+
+        bar = comfy.utils.ProgressBar(count)
+        on_copy = lambda _dst: bar.update(1)  # noqa: E731
+    if count:
+        copies.complete(only=only, on_copy=on_copy)
+    if not copies.pending:
+        _UNFILLED.pop(module, None)
 
 
 def owner_plan(module: torch.nn.Module) -> SwapPlan | None:
@@ -220,6 +251,12 @@ class SwapPlan:
         finally:
             self.engine.on_slab_built = previous
 
+    def modules_in_slabs(self) -> list[torch.nn.Module]:
+        """Every module of the swapped units whose tensors all lie at their host home now: the slab, or the
+        file a unit was left in (a unit that another patcher moved out of it, e.g. an unswapped clone's full
+        load, is not listed)."""
+        return [m for unit in self.engine.swapped_units if at_home(unit) for m in unit.module.modules()]
+
     def prepare_load(self, patcher) -> None:
         """Called by the patcher's load(): swapped units go (or stay) in host RAM, never to the GPU."""
         self._patcher_ref = weakref.ref(patcher)
@@ -232,7 +269,13 @@ class SwapPlan:
         self._restore_original_weights(patcher)
         _drop_dynamic_state(self.diffusion_model)
         self.take_module()
-        self.engine.park()
+        # Units that joined since the combined loader read the file (auto) are read from it into their slabs too.
+        unfilled = _UNFILLED.get(self.diffusion_model)
+        self.engine.park(unfilled.sources() if unfilled is not None else None)
+        if unfilled is not None:
+            unfilled.drop([id(t) for unit in self.engine.swapped_units for *_, t in unit.tensors()])
+            if not unfilled.pending:
+                _UNFILLED.pop(self.diffusion_model, None)
 
     def _restore_original_weights(self, patcher) -> None:
         """Swapped weights that a ComfyUI load fused a LoRA into go back to their originals first.
@@ -258,6 +301,7 @@ class SwapPlan:
             return
         self._patcher_ref = weakref.ref(patcher)
         self.take_module()
+        fill_held_back(self.diffusion_model)  # a run without ComfyUI's load (no-op after it)
         self._install_lora(patcher)
         if self.config.block_swap_debug and not self._logged_plan:
             self._logged_plan = True
@@ -378,6 +422,43 @@ def _comfy_offload_streams(device: torch.device):
     return streams
 
 
+@contextlib.contextmanager
+def kept_out_of_moves(modules: list[torch.nn.Module]):
+    """While active, `Module.to()` / `_apply` of any ancestor skips these modules' own parameters and buffers
+    (their tables are empty for the duration), so ComfyUI's `model.to(device)` moves everything else.
+
+    Nothing but the move may run inside: a parameter set on a hidden module meanwhile would be lost."""
+    saved = [(m, m.__dict__["_parameters"], m.__dict__["_buffers"]) for m in modules]
+    try:
+        for m, _, _ in saved:
+            m.__dict__["_parameters"], m.__dict__["_buffers"] = {}, {}
+        yield
+    finally:
+        for m, params, buffers in saved:
+            m.__dict__["_parameters"], m.__dict__["_buffers"] = params, buffers
+
+
+@contextlib.contextmanager
+def slabs_kept_out_of_moves(model: torch.nn.Module, plan: SwapPlan):
+    """While active, `model.to()` (ComfyUI's move of its whole model) leaves the swapped units that lie in their
+    host slabs where they are; everything else it does (restoring fused weights, unpinning) sees the model
+    whole. Only that one call is affected: an attribute on this model object, removed afterwards."""
+    move, previous = model.to, model.__dict__.get("to")
+
+    def to(*args, **kwargs):
+        with kept_out_of_moves(plan.modules_in_slabs()):
+            return move(*args, **kwargs)
+
+    model.__dict__["to"] = to
+    try:
+        yield
+    finally:
+        if previous is None:
+            model.__dict__.pop("to", None)
+        else:
+            model.__dict__["to"] = previous
+
+
 def plan_of(patcher) -> SwapPlan | None:
     attachments = getattr(patcher, "attachments", None) or {}
     return attachments.get(ATTACHMENT_KEY)
@@ -420,6 +501,21 @@ class BlockSwapPatcherMixin:
                 self.model.current_weight_patches_uuid = uuid.uuid4()
         return super().partially_load(device_to, extra_memory, force_patch_weights=force_patch_weights)
 
+    def unpatch_model(self, device_to=None, unpatch_weights=True, *args, **kwargs):
+        """ComfyUI's unpatch ends with `model.to(device_to)`, its offload device: the GPU itself with --highvram /
+        --gpu-only (and ComfyUI then counts 0 loaded). Every unload takes this path (`unload_all_models`, the
+        free_memory before a VAE decode, a looper turn, the reload after an auto re-plan). The swapped units in
+        their host slabs are kept out of that move, so they never reach the device; the rest moves as ComfyUI
+        moves it."""
+        module = getattr(getattr(self, "model", None), "diffusion_model", None)
+        plan = (
+            owner_plan(module) if module is not None and unpatch_weights and device_to is not None else None
+        )
+        if plan is None:
+            return super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
+        with slabs_kept_out_of_moves(self.model, plan):
+            return super().unpatch_model(device_to, unpatch_weights, *args, **kwargs)
+
     def _load_list(self, *args, **kwargs):
         entries = super()._load_list(*args, **kwargs)
         plan = plan_of(self)
@@ -444,6 +540,10 @@ class BlockSwapPatcherMixin:
             whole = full_load or lowvram_model_memory == 0
             plan.replan(float("inf") if whole else lowvram_model_memory, super().model_size())
         plan.prepare_load(self)
+        if plan.diffusion_model in _UNFILLED:
+            # Weights ComfyUI reads while it loads (it fuses patches into them) are filled first, in host RAM;
+            # the rest after it placed them, where they lie.
+            fill_held_back(plan.diffusion_model, only=self._read_while_loading(), progress=True)
         if full_load or lowvram_model_memory == 0:
             budget = 1e32  # "load everything" - of what the load list still holds
         else:
@@ -462,10 +562,63 @@ class BlockSwapPatcherMixin:
             full_load=False,
             **kwargs,
         )
-        # ComfyUI's loaded-memory figure stays what it counted: the resident weights it moved. The slots
-        # exist only during a run; room for them was kept by loading `slot_bytes` less than granted.
+        # ComfyUI's loaded-memory figure stays what it counted: the resident weights it moved (and those placed
+        # below). The slots exist only during a run; room for them was kept by loading `slot_bytes` less than
+        # granted.
+        if device_to is not None:
+            self.model.model_loaded_weight_memory += self._place_unlisted(plan, device_to)
+        fill_held_back(plan.diffusion_model, progress=True)
         plan.apply_cast_flags(self)
         return result
+
+    def _read_while_loading(self) -> set[int]:
+        """Held-back parameters whose value ComfyUI's load reads: those it patches (LoRA, merges), or every one
+        while weight hooks are set (it applies them at the end of its load)."""
+        copies = _UNFILLED[self.model.diffusion_model]
+        if getattr(self, "hook_patches", None):
+            return set(copies.pending)
+        paths = {id(m): name for name, m in self.model.named_modules()}
+        read = set()
+        for key in copies.pending:
+            owner = copies.owner(key)
+            if owner is not None and f"{paths.get(id(owner[0]))}.{owner[1]}" in self.patches:
+                read.add(key)
+        return read
+
+    # Both hand out the weights themselves (model merging, saving): held-back ones are filled first.
+
+    def get_key_patches(self, *args, **kwargs):
+        fill_held_back(self.model.diffusion_model)
+        return super().get_key_patches(*args, **kwargs)
+
+    def model_state_dict(self, *args, **kwargs):
+        fill_held_back(self.model.diffusion_model)
+        return super().model_state_dict(*args, **kwargs)
+
+    def _place_unlisted(self, plan: SwapPlan, device_to) -> int:
+        """Move the resident weights ComfyUI's load never lists to `device_to`; returns their bytes.
+
+        Its `_load_list` holds leaf modules only, so a parameter of a module with children (each block's
+        `modulation`, `head.modulation`, `img_emb.emb_pos`) moves only in its full load (`model.to`), which this
+        patcher never lets it make: WAN's forward would copy each from host RAM, with a host sync, in every call.
+        They move here as that full load would move them (swapped units and listed modules kept out of it), also
+        when ComfyUI offloads some layers (a few kB per block), and are counted as loaded; ComfyUI's unpatch
+        moves them back with the rest and resets the count.
+        """
+        diffusion_model = self.model.diffusion_model
+        listed = {id(entry[-2]) for entry in self._load_list()}
+        others, targets, nbytes = [], [], 0
+        for module in diffusion_model.modules():
+            own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+            if own and id(module) not in listed and id(module) not in plan.swapped_module_ids:
+                targets.append(module)
+                nbytes += sum(tensor_nbytes(t) for t in own)
+            else:
+                others.append(module)
+        if targets:
+            with kept_out_of_moves(others):
+                diffusion_model.to(device_to)
+        return nbytes
 
 
 _PATCHER_CLASSES: dict[type, type] = {}

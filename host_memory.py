@@ -243,6 +243,17 @@ def _release_slabs(pinned: list[torch.Tensor]) -> None:
         _unpin(pinned.pop())
 
 
+def _release_after_copies(pinned: list[torch.Tensor], copy_streams: list) -> None:
+    # The finalizer: copies still in flight read the pinned slabs, so the host waits for them before
+    # unregistering the memory.
+    for stream in copy_streams:
+        try:
+            stream.synchronize()
+        except RuntimeError:  # CUDA already torn down at interpreter exit: nothing is in flight any more
+            pass
+    _release_slabs(pinned)
+
+
 class HostMemoryError(MemoryError):
     """The host slabs of a plan would not fit in the RAM that is free: raised before any is built."""
 
@@ -346,6 +357,8 @@ class HostSlabs:
         progress bar; `done` counts the units in their order).
     remember_home: fn(unit, device) before a unit's tensors move into a new slab (where they were).
     tier: "auto", "ram" or "file" (see `choose_file_tier`).
+    copy_streams: the engine's copy streams (a list it fills later): copies on them read the pinned slabs, so
+        the finalizer waits for them before unpinning.
     """
 
     def __init__(
@@ -356,6 +369,7 @@ class HostSlabs:
         on_slab_built: Callable[[int, int], None] | None = None,
         remember_home: Callable[[SwapUnit, torch.device], None] | None = None,
         tier: str = "auto",
+        copy_streams: list | None = None,
     ):
         if tier not in HOST_TIERS:
             raise ValueError(f"host_memory must be one of {', '.join(HOST_TIERS)} (got {tier!r})")
@@ -367,7 +381,9 @@ class HostSlabs:
         self.remember_home = remember_home
         # The slabs this tier has page-locked. The finalizer holds this very list: every change is in place.
         self.pinned: list[torch.Tensor] = []
-        self._finalizer = weakref.finalize(self, _release_slabs, self.pinned)
+        self._finalizer = weakref.finalize(
+            self, _release_after_copies, self.pinned, copy_streams if copy_streams is not None else []
+        )
 
     # -- the pinned budget ---------------------------------------------------------------------
 
@@ -721,6 +737,11 @@ def _file_bytes(unit: SwapUnit) -> int:
         for spec, home in zip(unit.layout, unit.slab_views, strict=True)
         if not all(start <= leaf.data_ptr() < end for leaf in _leaves(home))
     )
+
+
+def at_home(unit: SwapUnit) -> bool:
+    """Every tensor of the unit views its home between runs: its slab, or the file bytes it was bound to."""
+    return bool(unit.slab_views) and _still_bound(unit)
 
 
 def _still_bound(unit: SwapUnit) -> bool:

@@ -19,11 +19,13 @@ import contextlib
 import inspect
 import logging
 import os
+import sys
 import time
 
 import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -31,7 +33,6 @@ import safetensors
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .block_manager import tensor_nbytes
 from .config import SwapConfig, check_choice
 from .quant.ops import GGUFOps, load_progress
 from .quant.reader import is_gguf_weight, load_gguf_state_dict
@@ -294,6 +295,42 @@ def check_complete_wan(
             f"{name} is not a complete WAN model: {'; '.join(problems)}. Detected {detection.describe()}; "
             "the file is damaged or incomplete (download it again)"
         )
+    unused, built = unbuilt_block_tensors(prefix, shapes, expected)
+    if unused:
+        raise ValueError(
+            f"{name} is damaged or not a WAN file: {len(unused)} of its tensors belong to blocks the model "
+            f"ComfyUI builds from it does not have ({built}; it counts blocks from 0 up to the first gap): "
+            f"{_listing(unused)}"
+        )
+
+
+def unbuilt_block_tensors(
+    prefix: str, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
+) -> tuple[list[str], str]:
+    """(file tensors under an entry of a block list the model has but not that entry, e.g. ``blocks.9.*``
+    when ComfyUI built blocks 0-6; the block counts it built, e.g. "7 blocks").
+
+    ComfyUI counts consecutive blocks, so a block renamed or dropped in the middle gives a shorter model
+    and its tensors are only reported as "unet unexpected"."""
+    modules = {
+        ".".join(parts[:i]) for parts in (key.split(".") for key in expected) for i in range(1, len(parts))
+    }
+    unused, lists = [], set()
+    for stored in shapes:
+        if not stored.startswith(prefix) or stored[len(prefix) :] in expected:
+            continue
+        parts = stored[len(prefix) :].split(".")[:-1]
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index is None or ".".join(parts[:index]) not in modules:
+            continue  # not an entry of a block list the model has (left to ComfyUI)
+        if ".".join(parts[: index + 1]) not in modules:
+            unused.append(stored)
+            lists.add(".".join(parts[:index]))
+    counts = []
+    for name in sorted(lists):
+        n = sum(1 for m in modules if m.startswith(name + ".") and m[len(name) + 1 :].isdigit())
+        counts.append(f"{n} {name}")
+    return unused, ", ".join(counts)
 
 
 def _comfy_load(name: str, load, *args, **kwargs):
@@ -346,8 +383,12 @@ class HeldBackCopies(TorchFunctionMode):
     (``Tensor.copy_`` in ``load_state_dict``). A fresh allocation costs no RAM until it is written, so a
     parameter whose copy is held back stays untouched: a swapped block's parameter is then filled once,
     straight from the file into its host slab (:meth:`BlockSwapEngine.park` with `sources`), and its
-    never-touched allocation is returned when the slab takes its place. :meth:`complete` makes every
-    copy nobody took, exactly as ComfyUI would have made it.
+    never-touched allocation is returned when the slab takes its place. :meth:`complete` makes the
+    copies nobody took, exactly as ComfyUI would have made them, wherever the parameters lie by then.
+
+    With dynamic VRAM on (ComfyUI 0.16+ with comfy-aimdo) its lazily built layers take a file tensor as
+    ``Parameter(tensor.clone())`` instead (``_lazy_load_from_state_dict``): that clone is held back the same
+    way, as a fresh allocation the parameter is built around.
     """
 
     def __init__(self):
@@ -355,6 +396,10 @@ class HeldBackCopies(TorchFunctionMode):
         self._watched: dict[int, torch.Tensor] = {}
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(destination) -> (dst, src)
         self._owners: dict[int, tuple[torch.nn.Module, str]] = {}
+        self._clones: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # data_ptr -> (fresh tensor, src)
+        ops = getattr(comfy.ops, "disable_weight_init", None)
+        lazy = getattr(ops, "_lazy_load_from_state_dict", None)
+        self._lazy_loader = getattr(lazy, "__code__", None)
 
     def watch(self, tensors) -> None:
         for t in tensors:
@@ -375,29 +420,77 @@ class HeldBackCopies(TorchFunctionMode):
             ):
                 self.pending[id(dst)] = (dst, src)
                 return dst
+        if (
+            func is torch.Tensor.clone
+            and len(args) == 1
+            and not kwargs
+            and self._watched.get(id(args[0])) is args[0]
+            and type(args[0]) is torch.Tensor
+            and args[0].numel() > 0
+            and self._called_by_lazy_loader()
+        ):
+            src = args[0]
+            fresh = torch.empty_like(src, memory_format=torch.contiguous_format)
+            self._clones[fresh.data_ptr()] = (fresh, src)
+            return fresh
         return func(*args, **kwargs)
+
+    def _called_by_lazy_loader(self) -> bool:
+        """The clone is ComfyUI's lazy layer loader's, which wraps it in a Parameter at once (any other
+        clone of a file tensor may be read right away, so it is made)."""
+        frame = sys._getframe(2)
+        for _ in range(3):
+            if frame is None:
+                return False
+            if frame.f_code is self._lazy_loader:
+                return True
+            frame = frame.f_back
+        return False
 
     def bind_owners(self, root: torch.nn.Module) -> None:
         """Remember which module attribute holds each held-back parameter (right after the build): a host
         that later replaces a Parameter object (ComfyUI 0.8.1+ does for some fp8_scaled layers when it
-        loads them) gets its current parameter filled, not the one it dropped."""
+        loads them) gets its current parameter filled, not the one it dropped. A held-back clone becomes
+        the pending copy into the parameter built around it."""
         for module in root.modules():
             for name, param in module._parameters.items():
-                if param is not None and id(param) in self.pending:
+                if param is None:
+                    continue
+                clone = self._clones.pop(param.data_ptr(), None) if param.numel() else None
+                if clone is not None and tuple(param.shape) == tuple(clone[1].shape):
+                    self.pending[id(param)] = (param, clone[1])
+                if id(param) in self.pending:
                     self._owners[id(param)] = (module, name)
+        with torch.no_grad():  # a clone no parameter took: made now, as ComfyUI made it
+            for fresh, src in self._clones.values():
+                fresh.copy_(src)
+        self._clones.clear()
 
     def sources(self) -> dict[int, torch.Tensor]:
         """id(parameter or buffer) -> the file tensor its value is to be read from."""
         return {key: src for key, (_dst, src) in self.pending.items()}
 
-    def complete(self, taken: set[int] = frozenset(), on_copy=None) -> int:
-        """Make every held-back copy except those in `taken` (read into slabs instead). Returns the bytes
-        copied; afterwards the file tensors are let go."""
+    def owner(self, key: int) -> tuple[torch.nn.Module, str] | None:
+        """(module, attribute) that held the pending parameter `key` when the model was built."""
+        return self._owners.get(key)
+
+    def drop(self, keys) -> None:
+        """Forget the copies of `keys`: their values were read elsewhere (into host slabs)."""
+        for key in keys:
+            self.pending.pop(key, None)
+        if not self.pending:
+            self._release()
+
+    def complete(self, taken: set[int] = frozenset(), on_copy=None, only=None) -> int:
+        """Make every held-back copy except those in `taken` (read into slabs instead), or only those in
+        `only`, each into the parameter its module holds now, wherever that lies. Returns the bytes copied;
+        once none is left, the file tensors are let go."""
         copied = 0
         with torch.no_grad():
-            for key, (dst, src) in self.pending.items():
-                if key in taken:
+            for key in list(self.pending):
+                if key in taken or (only is not None and key not in only):
                     continue
+                dst, src = self.pending.pop(key)
                 owner = self._owners.get(key)
                 current = owner[0]._parameters.get(owner[1]) if owner is not None else None
                 if current is not None and current is not dst and tuple(current.shape) == tuple(src.shape):
@@ -406,10 +499,17 @@ class HeldBackCopies(TorchFunctionMode):
                 copied += dst.numel() * dst.element_size()
                 if on_copy is not None:
                     on_copy(dst)
+        if only is None:
+            self.pending.clear()
+        if not self.pending:
+            self._release()
+        return copied
+
+    def _release(self) -> None:
         self.pending.clear()
         self._watched.clear()
         self._owners.clear()
-        return copied
+        self._clones.clear()
 
 
 def _check_safetensors(path: str, wan_version: str, model_variant: str) -> None:
@@ -634,13 +734,15 @@ def load_swapped_wan_model(
     config: SwapConfig,
 ):
     """What WAN Model Loader -> WAN 2.2 BlockSwap gives, with every tensor read from the file once, into
-    its final home: swapped blocks straight into their host slabs (pinned within the budget), the other
-    weights into the parameters ComfyUI allocated for them (CPU RAM, until ComfyUI loads the model).
+    its final home: swapped blocks straight into their host slabs (pinned within the budget) now, the other
+    weights into their parameters where ComfyUI's first load of the model puts them (the GPU, as far as its
+    grant allows), so none of them is moved to the GPU before sampling and back again when a LoRA or a text
+    encoder loads in between.
 
     The model is built by ComfyUI's own loader (its model class, key conversion, fp8 handling), with the
     copies into the new parameters held back until the swap plan is known (:class:`HeldBackCopies`).
     """
-    from .callbacks import apply_block_swap, plan_of
+    from .callbacks import apply_block_swap, fill_at_first_load, plan_of
 
     if not isinstance(config, SwapConfig):
         raise TypeError(f"config must be a SwapConfig (got {type(config).__name__})")
@@ -666,51 +768,42 @@ def load_swapped_wan_model(
         held_back.bind_owners(patcher.model)
         swapped = apply_block_swap(patcher, config)
         plan = plan_of(swapped)
-        if plan is not None and plan.auto:
+        if plan is None:  # dynamic VRAM keeps the model: every weight filled now, as ComfyUI fills it
+            held_back.complete()
+            return swapped
+        if plan.auto:
             plan.plan_from_free_vram(
                 swapped
             )  # the blocks read into slabs now; ComfyUI's first load corrects it
-        units = plan.engine.swapped_units if plan is not None else []
+        units = plan.engine.swapped_units
         taken = {id(t) for unit in units for *_, t in unit.tensors()} & held_back.pending.keys()
         slab_tensors = [sum(1 for _ in unit.tensors()) for unit in units]
-        # One bar over the tensors read from the file: a slab's at once, then each other weight.
-        progress = comfy.utils.ProgressBar(max(sum(slab_tensors) + len(held_back.pending) - len(taken), 1))
-        if plan is not None:
-            plan.build_host_copies(
-                held_back.sources(),
-                on_slab_built=lambda done, _total: progress.update(slab_tensors[done - 1]),
-            )
-        # The other weights go where ComfyUI puts them: its own load places the (not yet filled) resident
-        # modules on the GPU as far as its grant allows, keeping its accounting; each is then filled from
-        # the file where it is, so no resident weight passes through host RAM on its way to the GPU.
-        if plan is not None:
-            comfy.model_management.load_models_gpu([swapped])
-        held_back.complete(taken, on_copy=lambda _dst: progress.update(1))
+        progress = comfy.utils.ProgressBar(max(sum(slab_tensors), 1))
+        plan.build_host_copies(
+            held_back.sources(),
+            on_slab_built=lambda done, _total: progress.update(slab_tensors[done - 1]),
+        )
+        held_back.drop(taken)
+        fill_at_first_load(plan.diffusion_model, held_back)
     except BaseException:
-        held_back.pending.clear()
+        held_back.drop(list(held_back.pending))
         raise
-    units = plan.engine.swapped_units if plan is not None else []  # ComfyUI's load may have re-planned (auto)
-    swapped_ids = {id(t) for unit in units for *_, t in unit.tensors()}
-    others = [t for t in swapped.model.state_dict(keep_vars=True).values() if id(t) not in swapped_ids]
-    resident = sum(tensor_nbytes(t) for t in others if t.device.type == "cpu")
-    to_gpu = sum(tensor_nbytes(t) for t in others if t.device.type != "cpu")  # --gpu-only / --highvram
-    in_slabs = [u for u in units if u.slab is not None]
+    units = plan.engine.swapped_units  # ComfyUI's load may have re-planned (auto)
+    in_slabs = [u for u in units if u.slab is not None and not u.in_file]
     in_file = [u for u in units if u.in_file]
     slab_bytes = sum(u.nbytes for u in in_slabs)
     pinned = sum(u.nbytes for u in in_slabs if u.slab_pinned)
     log.info(
-        "[BlockSwap] WAN BlockSwap Model Loader: %s read in %.2f s: %s to the GPU, %s into host slabs of %d "
-        "swapped units (%s pinned, %s pageable), %s of %d swapped units left in the file, %s of other "
-        "weights in RAM",
+        "[BlockSwap] WAN BlockSwap Model Loader: %s: %s read into host slabs of %d swapped units (%s pinned, %s "
+        "pageable), %d swapped units left in the file, in %.2f s; the other %d weights are read from the file "
+        "when ComfyUI first loads the model",
         name,
-        time.perf_counter() - started,
-        format_bytes(to_gpu),
         format_bytes(slab_bytes),
         len(in_slabs),
         format_bytes(pinned),
         format_bytes(slab_bytes - pinned),
-        format_bytes(sum(u.nbytes for u in in_file)),
         len(in_file),
-        format_bytes(resident),
+        time.perf_counter() - started,
+        len(held_back.pending),
     )
     return swapped

@@ -178,7 +178,6 @@ _SCALAR_SIZES = {
 }
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dim count, type, offset
-MAX_DIMS = 4  # GGML_MAX_DIMS
 # WAN files carry a handful of short arrays (orig_shape); the reader keeps several objects per entry.
 MAX_METADATA_ARRAY_ENTRIES = 1 << 16
 DEFAULT_ALIGNMENT = 32
@@ -267,6 +266,21 @@ def check_gguf_bounds(path: str) -> None:
             view.release()
 
 
+def _element_count(dims: np.ndarray) -> int:
+    """The product of a tensor's dimensions (a view of the header), exact (Python ints: no wrap-around)
+    without turning a damaged count of millions of dimensions into as many Python ints."""
+    if (dims == 0).any():
+        return 0
+    counted = dims[dims != 1]
+    if len(counted) > 64:
+        return 2**64 * math.prod(int(d) for d in counted[:64])  # each >= 2: more than any file holds
+    return math.prod(int(d) for d in counted)
+
+
+def _shape_text(dims: np.ndarray) -> str:
+    return str(tuple(int(d) for d in dims)) if len(dims) <= 8 else f"of {len(dims)} dimensions"
+
+
 def _check_layout(cur: _HeaderCursor, size: int) -> None:
     path = cur.path
     if bytes(cur.view[:4]) != b"GGUF":
@@ -297,10 +311,11 @@ def _check_layout(cur: _HeaderCursor, size: int) -> None:
     tensors = []
     for _ in range(n_tensors):
         name = _name(cur.string("a tensor name"))
+        # No cap at llama.cpp's 4 dims: gguf's writer stores a 5-D array (WAN's patch embedding) as it is
+        # and its reader reads it back, as ComfyUI-GGUF does. The count is bounded by the bytes left.
         n_dims = cur.take("<I", f"the dimension count of tensor {name!r}")
-        if n_dims > MAX_DIMS:
-            raise ValueError(f"{path}: tensor {name!r} has {n_dims} dimensions (GGUF allows {MAX_DIMS})")
-        dims = [cur.take("<Q", f"the shape of tensor {name!r}") for _ in range(n_dims)]
+        dims_at = cur.pos
+        cur.skip(8 * n_dims, f"the shape of tensor {name!r} ({n_dims} dimensions)")
         raw_type = cur.take("<I", f"the type of tensor {name!r}")
         offset = cur.take("<Q", f"the offset of tensor {name!r}")
         try:
@@ -308,8 +323,10 @@ def _check_layout(cur: _HeaderCursor, size: int) -> None:
             block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
             raise ValueError(f"{path}: tensor {name!r} has unknown GGML type {raw_type}") from None
-        elements = math.prod(dims)  # Python ints: no wrap-around
-        tensors.append((name, offset, elements * type_size // block_size, tuple(dims)))
+        dims = np.frombuffer(cur.view, "<u8", n_dims, dims_at)
+        elements, shape = _element_count(dims), _shape_text(dims)
+        del dims  # a view of the map: the map is closed when this check ends
+        tensors.append((name, offset, elements * type_size // block_size, shape))
     data_start = cur.pos + (-cur.pos % alignment)
     expected = 0
     for name, offset, nbytes, dims in tensors:
@@ -373,6 +390,11 @@ def _orig_shape(reader: gguf.GGUFReader, name: str) -> torch.Size | None:
     value = _field_value(field)
     if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
         raise ValueError(f"metadata {ORIG_SHAPE_KEY}{name} is not an integer array: {value!r}")
+    if any(v < 0 for v in value):
+        # Two negatives multiply to the stored count and reach torch's reshape, whose error names no file.
+        raise ValueError(
+            f"tensor {name!r}: {ORIG_SHAPE_KEY}{name} = {tuple(value)} has a negative dimension: damaged"
+        )
     return torch.Size(value)
 
 
@@ -432,7 +454,10 @@ def load_gguf_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.
         if qtype not in SUPPORTED_TYPES:
             raise ValueError(f"{path}: tensor {name!r} has GGML type {qtype.name}, which is not supported")
         stored_shape = torch.Size(int(d) for d in reversed(rt.shape.tolist()))  # ggml order -> torch
-        shape = _orig_shape(reader, name) or stored_shape
+        try:
+            shape = _orig_shape(reader, name) or stored_shape
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         if math.prod(shape) != math.prod(stored_shape):
             raise ValueError(
                 f"{path}: tensor {name!r}: {ORIG_SHAPE_KEY}{name} = {tuple(shape)} does not match "

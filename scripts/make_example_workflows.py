@@ -36,6 +36,11 @@ FRONTEND_ONLY = {"Note", "MarkdownNote"}
 # WanVideoLooper's js/wan_prompts_node.js adds a profile name, three buttons, a profile list and a button.
 FRONTEND_EXTRA_VALUES = {"WanVideoLooperPrompts": ["", None, None, None, "", None]}
 CARD = "a 12 GB card (e.g. RTX 3060 12 GB or RTX 4070)"
+# Layout: the frontend draws a node's title bar above its pos (LiteGraph's NODE_TITLE_HEIGHT), so a node's box
+# is [x, y - TITLE_H, width, height + TITLE_H]. Nodes are stacked in columns with GAP between boxes.
+TITLE_H = 30
+GAP = 40
+NOTE_WIDTH = 440
 
 # --- the widget layout the frontend saves -------------------------------------------------------------
 
@@ -188,6 +193,9 @@ class Graph:
         self.links.append([link_id, src["id"], out_index, dst["id"], in_index, type_])
 
     def workflow(self, uid: str) -> dict:
+        overlapping = overlaps(self.nodes)
+        if overlapping:
+            raise ValueError(f"overlapping nodes in {uid}: {overlapping}")
         order = self._execution_order()
         for node in self.nodes:
             node["order"] = order[node["id"]]
@@ -225,6 +233,51 @@ class Graph:
         return order
 
 
+class Column:
+    """Nodes stacked top to bottom at one x, each box GAP below the previous one (title bars included), so
+    a node that grows (a new input) pushes the ones below it down instead of overlapping them."""
+
+    def __init__(self, g: Graph, x: float, y: float = 0):
+        self.g, self.x, self.y, self.width = g, x, y, 0
+
+    def node(self, kind: str, values: dict | None = None, **options) -> dict:
+        return self._placed(self.g.node(kind, (self.x, self.y), values, **options))
+
+    def note(self, text: str, height: int = 420) -> dict:
+        return self._placed(self.g.note((self.x, self.y), text, size=(NOTE_WIDTH, height)))
+
+    def _placed(self, node: dict) -> dict:
+        self.y = node["pos"][1] + node["size"][1] + TITLE_H + GAP
+        self.width = max(self.width, node["size"][0])
+        return node
+
+    def next(self, y: float = 0) -> Column:
+        """The column to the right of this one."""
+        return Column(self.g, self.x + self.width + GAP, y)
+
+
+def note_column(g: Graph) -> Column:
+    """The column left of x=0 where each example's Note goes."""
+    return Column(g, -NOTE_WIDTH - GAP)
+
+
+def box(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the node as the frontend draws it, title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_H, x + w, y + h
+
+
+def overlaps(nodes: list[dict]) -> list[tuple[int, int]]:
+    """Pairs of node ids whose boxes overlap."""
+    out = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1 :]:
+            (l1, t1, r1, b1), (l2, t2, r2, b2) = box(a), box(b)
+            if l1 < r2 and l2 < r1 and t1 < b2 and t2 < b1:
+                out.append((a["id"], b["id"]))
+    return out
+
+
 def _is_file_name(value: object) -> bool:
     return isinstance(value, str) and value.endswith((".safetensors", ".gguf", ".png", ".jpg"))
 
@@ -256,38 +309,42 @@ OVERLAP_NOTE = (
 )
 
 
-def text_nodes(g: Graph, x: int, y: int, clip_source: dict | None = None):
-    clip = clip_source or g.node("CLIPLoader", (x, y), {"clip_name": TEXT_ENCODER, "type": "wan"})
-    pos = g.node("CLIPTextEncode", (x + 400, y), {"text": POSITIVE}, title="Positive prompt")
-    neg = g.node("CLIPTextEncode", (x + 400, y + 200), {"text": NEGATIVE}, title="Negative prompt")
+def text_nodes(g: Graph, clip_col: Column, prompt_col: Column | None = None):
+    """Text encoder in `clip_col`, the two prompts below each other in `prompt_col` (default: the column right of
+    the text encoder)."""
+    clip = clip_col.node("CLIPLoader", {"clip_name": TEXT_ENCODER, "type": "wan"})
+    prompt_col = prompt_col or clip_col.next(clip["pos"][1])
+    pos = prompt_col.node("CLIPTextEncode", {"text": POSITIVE}, title="Positive prompt")
+    neg = prompt_col.node("CLIPTextEncode", {"text": NEGATIVE}, title="Negative prompt")
     g.connect(clip, "CLIP", pos, "clip")
     g.connect(clip, "CLIP", neg, "clip")
-    return clip, pos, neg
+    return prompt_col, pos, neg
 
 
-def decode_and_save(g: Graph, latent_src: dict, latent_output, x: int, y: int, prefix: str) -> dict:
-    vae = g.node("VAELoader", (x, y + 260), {"vae_name": VAE})
-    decode = g.node("VAEDecode", (x, y))
+def decode_and_save(g: Graph, latent_src: dict, latent_output, col: Column, prefix: str) -> dict:
+    """VAE Loader and VAE Decode in `col`, Save Animated WEBP in the column right of it."""
+    vae = col.node("VAELoader", {"vae_name": VAE})
+    decode = col.node("VAEDecode")
     g.connect(latent_src, latent_output, decode, "samples")
     g.connect(vae, "VAE", decode, "vae")
-    save = g.node("SaveAnimatedWEBP", (x + 260, y), {"filename_prefix": prefix, "fps": 16.0}, size=[420, 460])
+    save = col.next().node("SaveAnimatedWEBP", {"filename_prefix": prefix, "fps": 16.0}, size=[420, 460])
     g.connect(decode, "IMAGE", save, "images")
     return vae
 
 
-def text_to_video(g: Graph, model_src: dict, model_output, x: int, prefix: str) -> None:
-    """Prompts, an 832x480x33 latent, KSampler (30 steps uni_pc, cfg 6) and decode + save, from column x."""
-    _, pos, neg = text_nodes(g, x, 0)
-    latent = g.node("EmptyHunyuanLatentVideo", (x, 460), {"width": 832, "height": 480, "length": 33})
-    sampler = g.node(
+def text_to_video(g: Graph, model_src: dict, model_output, col: Column, prefix: str) -> None:
+    """Prompts, an 832x480x33 latent, KSampler (30 steps uni_pc, cfg 6) and decode + save, from column col."""
+    prompts, pos, neg = text_nodes(g, col)
+    latent = col.node("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33})
+    sampler_col = prompts.next()
+    sampler = sampler_col.node(
         "KSampler",
-        (x + 820, 0),
         {"seed": 123456789, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple"},
     )
     for src, out, name in ((model_src, model_output, "model"), (pos, 0, "positive"), (neg, 0, "negative")):
         g.connect(src, out, sampler, name)
     g.connect(latent, "LATENT", sampler, "latent_image")
-    decode_and_save(g, sampler, "LATENT", x + 1180, 0, prefix)
+    decode_and_save(g, sampler, "LATENT", sampler_col.next(), prefix)
 
 
 # --- the examples ----------------------------------------------------------------------------------------
@@ -295,14 +352,14 @@ def text_to_video(g: Graph, model_src: dict, model_output, x: int, prefix: str) 
 
 def t2v(info: dict) -> dict:
     g = Graph(info)
-    unet = g.node("UNETLoader", (0, 0), {"unet_name": "wan2.1_t2v_14B_fp8_scaled.safetensors"})
-    swap = g.node("wan22BlockSwap", (0, 140), {"blocks_to_swap": 25, **SWAP_OVERLAP})
+    models = Column(g, 0)
+    unet = models.node("UNETLoader", {"unet_name": "wan2.1_t2v_14B_fp8_scaled.safetensors"})
+    swap = models.node("wan22BlockSwap", {"blocks_to_swap": 25, **SWAP_OVERLAP})
     g.connect(unet, "MODEL", swap, "model")
-    shift = g.node("ModelSamplingSD3", (0, 480), {"shift": 8.0})
+    shift = models.node("ModelSamplingSD3", {"shift": 8.0})
     g.connect(swap, "model", shift, "model")
-    text_to_video(g, shift, "MODEL", 380, "wan22_blockswap/t2v")
-    g.note(
-        (-480, 0),
+    text_to_video(g, shift, "MODEL", models.next(), "wan22_blockswap/t2v")
+    note_column(g).note(
         "WAN 2.2 BlockSwap example: text to video (WAN 2.1 T2V 14B, fp8).\n\n"
         "File: wan22_blockswap_t2v.json. Model files (ComfyUI/models/...), as Comfy-Org's repackaged "
         "release names them:\n"
@@ -319,25 +376,25 @@ def t2v(info: dict) -> dict:
 
 def i2v(info: dict) -> dict:
     g = Graph(info)
-    unet = g.node(
+    models = Column(g, 0)
+    unet = models.node(
         "UNETLoader",
-        (0, 0),
         {"unet_name": "wan2.1_i2v_480p_14B_fp16.safetensors", "weight_dtype": "fp8_e4m3fn"},
     )
-    swap = g.node("wan22BlockSwap", (0, 140), {"blocks_to_swap": 30, "offload_img_emb": True, **SWAP_OVERLAP})
+    swap = models.node("wan22BlockSwap", {"blocks_to_swap": 30, "offload_img_emb": True, **SWAP_OVERLAP})
     g.connect(unet, "MODEL", swap, "model")
-    shift = g.node("ModelSamplingSD3", (0, 480), {"shift": 8.0})
+    shift = models.node("ModelSamplingSD3", {"shift": 8.0})
     g.connect(swap, "model", shift, "model")
-    _, pos, neg = text_nodes(g, 380, 0)
-    vision = g.node("CLIPVisionLoader", (380, 420), {"clip_name": "clip_vision_h.safetensors"})
-    image = g.node(
-        "LoadImage", (380, 540), {"image": "start_frame.png"}, title="Start image", size=[340, 320]
-    )
-    encode = g.node("CLIPVisionEncode", (780, 420), {"crop": "none"})
+    loaders = models.next()
+    encoders, pos, neg = text_nodes(g, loaders)
+    vision = loaders.node("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"})
+    image = loaders.node("LoadImage", {"image": "start_frame.png"}, title="Start image", size=[340, 320])
+    encode = encoders.node("CLIPVisionEncode", {"crop": "none"})
     g.connect(vision, "CLIP_VISION", encode, "clip_vision")
     g.connect(image, "IMAGE", encode, "image")
-    vae = g.node("VAELoader", (780, 560), {"vae_name": VAE})
-    i2v_node = g.node("WanImageToVideo", (1200, 420), {"width": 832, "height": 480, "length": 33})
+    vae = encoders.node("VAELoader", {"vae_name": VAE})
+    sampling = encoders.next()
+    i2v_node = sampling.node("WanImageToVideo", {"width": 832, "height": 480, "length": 33})
     for src, out, name in (
         (pos, 0, "positive"),
         (neg, 0, "negative"),
@@ -346,27 +403,23 @@ def i2v(info: dict) -> dict:
         (image, "IMAGE", "start_image"),
     ):
         g.connect(src, out, i2v_node, name)
-    sampler = g.node(
+    sampler = sampling.node(
         "KSampler",
-        (1200, 0),
         {"seed": 123456789, "steps": 20, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple"},
     )
     g.connect(shift, "MODEL", sampler, "model")
     g.connect(i2v_node, "positive", sampler, "positive")
     g.connect(i2v_node, "negative", sampler, "negative")
     g.connect(i2v_node, "latent", sampler, "latent_image")
-    decode = g.node("VAEDecode", (1560, 0))
+    decoding = sampling.next()
+    decode = decoding.node("VAEDecode")
     g.connect(sampler, "LATENT", decode, "samples")
     g.connect(vae, "VAE", decode, "vae")
-    save = g.node(
-        "SaveAnimatedWEBP",
-        (1820, 0),
-        {"filename_prefix": "wan22_blockswap/i2v", "fps": 16.0},
-        size=[420, 460],
+    save = decoding.next().node(
+        "SaveAnimatedWEBP", {"filename_prefix": "wan22_blockswap/i2v", "fps": 16.0}, size=[420, 460]
     )
     g.connect(decode, "IMAGE", save, "images")
-    g.note(
-        (-480, 0),
+    note_column(g).note(
         "WAN 2.2 BlockSwap example: image to video (WAN 2.1 I2V 480p 14B).\n\n"
         "File: wan22_blockswap_i2v.json. Model files (ComfyUI/models/...), as Comfy-Org's repackaged "
         "release names them:\n"
@@ -391,12 +444,11 @@ A14B_LORAS = (
 
 def a14b_gguf(info: dict) -> dict:
     g = Graph(info)
-    experts = []
-    for row, (role, gguf, lora_name) in enumerate(zip(("high", "low"), A14B_GGUF, A14B_LORAS, strict=True)):
-        y = row * 560
-        loader = g.node(
+    experts, y = [], 0
+    for role, gguf, lora_name in zip(("high", "low"), A14B_GGUF, A14B_LORAS, strict=True):
+        loaders = Column(g, 0, y)
+        loader = loaders.node(
             "WANModelLoader",
-            (0, y),
             {
                 "model_type": "gguf",
                 "safetensors_model": "none",  # the format not in use
@@ -406,21 +458,24 @@ def a14b_gguf(info: dict) -> dict:
             },
             title=f"Load {role}-noise expert (GGUF)",
         )
-        lora = g.node("LoraLoaderModelOnly", (380, y), {"lora_name": lora_name, "strength_model": 1.0})
+        patches = loaders.next(y)
+        lora = patches.node("LoraLoaderModelOnly", {"lora_name": lora_name, "strength_model": 1.0})
         g.connect(loader, "model", lora, "model")
-        shift = g.node("ModelSamplingSD3", (380, y + 140), {"shift": 5.0})
+        shift = patches.node("ModelSamplingSD3", {"shift": 5.0})
         g.connect(lora, "MODEL", shift, "model")
-        swap = g.node(
-            "wan22BlockSwap", (760, y), {"blocks_to_swap": 20, **SWAP_OVERLAP}, title=f"BlockSwap ({role})"
+        swaps = patches.next(y)
+        swap = swaps.node(
+            "wan22BlockSwap", {"blocks_to_swap": 20, **SWAP_OVERLAP}, title=f"BlockSwap ({role})"
         )
         g.connect(shift, "MODEL", swap, "model")
         experts.append(swap)
-    _, pos, neg = text_nodes(g, 0, 1140)
-    latent = g.node("EmptyHunyuanLatentVideo", (800, 1140), {"width": 832, "height": 480, "length": 81})
+        y = max(loaders.y, patches.y, swaps.y)
+    prompts, pos, neg = text_nodes(g, Column(g, 0, y))
+    latent = prompts.next(y).node("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 81})
     common = {"steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
-    high = g.node(
+    samplers = swaps.next()
+    high = samplers.node(
         "KSamplerAdvanced",
-        (1160, 0),
         {
             "add_noise": "enable",
             "noise_seed": 123456789,
@@ -431,9 +486,8 @@ def a14b_gguf(info: dict) -> dict:
         },
         title="KSampler (high noise, steps 0-4)",
     )
-    low = g.node(
+    low = samplers.node(
         "KSamplerAdvanced",
-        (1160, 560),
         {
             "add_noise": "disable",
             "noise_seed": 0,
@@ -450,9 +504,8 @@ def a14b_gguf(info: dict) -> dict:
         g.connect(neg, 0, sampler, "negative")
     g.connect(latent, "LATENT", high, "latent_image")
     g.connect(high, "LATENT", low, "latent_image")
-    decode_and_save(g, low, "LATENT", 1540, 0, "wan22_blockswap/a14b")
-    g.note(
-        (-480, 0),
+    decode_and_save(g, low, "LATENT", samplers.next(), "wan22_blockswap/a14b")
+    note_column(g).note(
         "WAN 2.2 A14B text to video, high- and low-noise experts as GGUF (Q5_K_M) through WAN Model Loader, "
         "each with the LightX2V 4-step distill LoRA and its own WAN 2.2 BlockSwap; 8 steps, cfg 1: steps 0-4 "
         "on the high-noise expert, 4-8 on the low-noise one.\n\n"
@@ -466,24 +519,23 @@ def a14b_gguf(info: dict) -> dict:
         "ComfyUI unloads the high-noise expert before the low-noise one needs the room. The LoRA is applied "
         f"to the GGUF weights after they are dequantized. {OVERLAP_NOTE}\n\n"
         "WAN 2.2 BlockSwap Looper Models swaps both experts with one node: see wan22_looper_high_low.json.",
-        size=(440, 520),
+        height=520,
     )
     return g.workflow("8e2d41b7-5c3a-4f09-b6d2-1a7e9c0f3b58")
 
 
 def gguf(info: dict) -> dict:
     g = Graph(info)
-    loader = g.node(
+    models = Column(g, 0)
+    loader = models.node(
         "WANModelLoader",
-        (0, 0),
         {"model_type": "gguf", "safetensors_model": "none", "gguf_model": "wan2.1-t2v-14b-Q5_K_M.gguf"},
         title="WAN Model Loader (GGUF)",
     )
-    swap = g.node("wan22BlockSwap", (0, 300), {"blocks_to_swap": 20, **SWAP_OVERLAP})
+    swap = models.node("wan22BlockSwap", {"blocks_to_swap": 20, **SWAP_OVERLAP})
     g.connect(loader, "model", swap, "model")
-    text_to_video(g, swap, "model", 380, "wan22_blockswap/gguf")
-    g.note(
-        (-480, 0),
+    text_to_video(g, swap, "model", models.next(), "wan22_blockswap/gguf")
+    note_column(g).note(
         "A GGUF WAN model through WAN Model Loader (no other GGUF node pack needed), then WAN 2.2 BlockSwap: "
         "text to video with WAN 2.1 T2V 14B in Q5_K_M.\n\n"
         "File: wan22_gguf_t2v.json. Model files (ComfyUI/models/...):\n"
@@ -517,18 +569,18 @@ NEEDS_LOOPER = (
 )
 
 
-def _looper_common(g: Graph, x: int, y: int, steps: int, cfg: float):
-    clip = g.node("CLIPLoader", (0, y), {"clip_name": TEXT_ENCODER, "type": "wan"})
-    vae = g.node("VAELoader", (0, y + 140), {"vae_name": VAE})
-    image = g.node(
-        "LoadImage", (0, y + 260), {"image": "start_frame.png"}, title="Start image", size=[340, 320]
+def _looper_common(g: Graph, inputs: Column, prompt_col: Column, steps: int, cfg: float):
+    """Text encoder, VAE and start image below `inputs`, the prompts below `prompt_col`, then the looper and
+    the save node in the columns right of `prompt_col`."""
+    clip = inputs.node("CLIPLoader", {"clip_name": TEXT_ENCODER, "type": "wan"})
+    vae = inputs.node("VAELoader", {"vae_name": VAE})
+    image = inputs.node("LoadImage", {"image": "start_frame.png"}, title="Start image", size=[340, 320])
+    prompts = prompt_col.node(
+        "WanVideoLooperPrompts", {"prompts": LOOPER_PROMPTS, "negative_prompt": NEGATIVE}
     )
-    prompts = g.node(
-        "WanVideoLooperPrompts", (x - 440, y), {"prompts": LOOPER_PROMPTS, "negative_prompt": NEGATIVE}
-    )
-    looper = g.node(
+    looper_col = prompt_col.next()
+    looper = looper_col.node(
         "WanVideoLooper",
-        (x, 0),
         {
             "seed": 123456789,
             "steps": steps,
@@ -544,11 +596,8 @@ def _looper_common(g: Graph, x: int, y: int, steps: int, cfg: float):
     g.connect(image, "IMAGE", looper, "start_image")
     g.connect(prompts, "prompt_list", looper, "positive_prompts")
     g.connect(prompts, "negative_prompt", looper, "negative_prompt")
-    save = g.node(
-        "SaveAnimatedWEBP",
-        (x + 460, 0),
-        {"filename_prefix": "wan22_blockswap/looper", "fps": 16.0},
-        size=[420, 460],
+    save = looper_col.next().node(
+        "SaveAnimatedWEBP", {"filename_prefix": "wan22_blockswap/looper", "fps": 16.0}, size=[420, 460]
     )
     g.connect(looper, "images", save, "images")
     return looper
@@ -556,16 +605,17 @@ def _looper_common(g: Graph, x: int, y: int, steps: int, cfg: float):
 
 def looper_high_low(info: dict) -> dict:
     g = Graph(info)
-    high = g.node("UNETLoader", (0, 0), {"unet_name": LOOPER_I2V[0]}, title="Load high-noise expert")
-    low = g.node("UNETLoader", (0, 140), {"unet_name": LOOPER_I2V[1]}, title="Load low-noise expert")
-    pair = g.node("wan22BlockSwapLooperModels", (400, 0), {"blocks_to_swap": 20, **SWAP_OVERLAP})
+    inputs = Column(g, 0)
+    high = inputs.node("UNETLoader", {"unet_name": LOOPER_I2V[0]}, title="Load high-noise expert")
+    low = inputs.node("UNETLoader", {"unet_name": LOOPER_I2V[1]}, title="Load low-noise expert")
+    swaps = inputs.next()
+    pair = swaps.node("wan22BlockSwapLooperModels", {"blocks_to_swap": 20, **SWAP_OVERLAP})
     g.connect(high, "MODEL", pair, "model_high")
     g.connect(low, "MODEL", pair, "model_low")
-    looper = _looper_common(g, 1260, 300, steps=6, cfg=1.0)
+    looper = _looper_common(g, inputs, swaps, steps=6, cfg=1.0)
     g.connect(pair, "model_high", looper, "model_high")
     g.connect(pair, "model_low", looper, "model_low")
-    g.note(
-        (-480, 0),
+    note_column(g).note(
         "WAN 2.2 A14B image to video in a loop with WanVideoLooper and WAN22 BlockSwap Looper Models "
         "(one node swaps both experts).\n" + NEEDS_LOOPER + "\n\n"
         "File: wan22_looper_high_low.json. Model files (ComfyUI/models/...), as Comfy-Org's repackaged "
@@ -582,36 +632,32 @@ def looper_high_low(info: dict) -> dict:
 
 def looper_sequencer(info: dict) -> dict:
     g = Graph(info)
-    high = g.node("UNETLoader", (0, 0), {"unet_name": LOOPER_I2V[0]}, title="Load high-noise expert")
-    low = g.node("UNETLoader", (0, 140), {"unet_name": LOOPER_I2V[1]}, title="Load low-noise expert")
-    pair = g.node("wan22BlockSwapLooperModels", (400, 0), {"blocks_to_swap": 20, **SWAP_OVERLAP})
+    inputs = Column(g, 0)
+    high = inputs.node("UNETLoader", {"unet_name": LOOPER_I2V[0]}, title="Load high-noise expert")
+    low = inputs.node("UNETLoader", {"unet_name": LOOPER_I2V[1]}, title="Load low-noise expert")
+    models = inputs.next()
+    pair = models.node("wan22BlockSwapLooperModels", {"blocks_to_swap": 20, **SWAP_OVERLAP})
     g.connect(high, "MODEL", pair, "model_high")
     g.connect(low, "MODEL", pair, "model_low")
-    lora_high = g.node(
-        "LoraLoaderModelOnly",
-        (400, 340),
-        {"lora_name": LOOPER_LORAS[0], "strength_model": 1.0},
-        title="Segment 2: high",
+    lora_high = models.node(
+        "LoraLoaderModelOnly", {"lora_name": LOOPER_LORAS[0], "strength_model": 1.0}, title="Segment 2: high"
     )
-    lora_low = g.node(
-        "LoraLoaderModelOnly",
-        (400, 480),
-        {"lora_name": LOOPER_LORAS[1], "strength_model": 1.0},
-        title="Segment 2: low",
+    lora_low = models.node(
+        "LoraLoaderModelOnly", {"lora_name": LOOPER_LORAS[1], "strength_model": 1.0}, title="Segment 2: low"
     )
     g.connect(high, "MODEL", lora_high, "model")
     g.connect(low, "MODEL", lora_low, "model")
-    sequencer = g.node("WanVideoLoraSequencer", (780, 340), size=[340, 300])
+    sequence = models.next()
+    sequencer = sequence.node("WanVideoLoraSequencer", size=[340, 300])
     g.connect(lora_high, "MODEL", sequencer, "model_high_2")
     g.connect(lora_low, "MODEL", sequencer, "model_low_2")
-    swap_seq = g.node("wan22BlockSwapSequencer", (780, 0), {"blocks_to_swap": 20, **SWAP_OVERLAP})
+    swap_seq = sequence.node("wan22BlockSwapSequencer", {"blocks_to_swap": 20, **SWAP_OVERLAP})
     g.connect(sequencer, "model_clip_sequence", swap_seq, "model_clip_sequence")
-    looper = _looper_common(g, 1660, 700, steps=6, cfg=1.0)
+    looper = _looper_common(g, inputs, sequence, steps=6, cfg=1.0)
     g.connect(pair, "model_high", looper, "model_high")
     g.connect(pair, "model_low", looper, "model_low")
     g.connect(swap_seq, "model_clip_sequence", looper, "model_clip_sequence")
-    g.note(
-        (-480, 0),
+    note_column(g).note(
         "WAN 2.2 A14B image to video in a loop with WanVideoLooper, a different LoRA per segment through "
         "WanVideo Looper Lora Sequencer, and WAN22 BlockSwap Sequencer swapping every model of the sequence.\n"
         + NEEDS_LOOPER
@@ -626,16 +672,16 @@ def looper_sequencer(info: dict) -> dict:
         "share the base experts' host copies, so RAM holds each expert's swapped blocks once.\n\n"
         f"Settings for {CARD}: as in wan22_looper_high_low.json, blocks_to_swap 20 of 40 (about 7 GB of "
         f"fp8 blocks resident). {OVERLAP_NOTE}",
-        size=(440, 560),
+        height=560,
     )
     return g.workflow("c4a8e2f6-7d19-4b3a-8e5c-0a22100e0002")
 
 
 def combined_loader(info: dict) -> dict:
     g = Graph(info)
-    loader = g.node(
+    models = Column(g, 0)
+    loader = models.node(
         "WAN22BlockSwapLoader",
-        (0, 0),
         {
             "model_type": "safetensors",
             "safetensors_model": "wan2.1_t2v_14B_fp8_scaled.safetensors",
@@ -645,11 +691,10 @@ def combined_loader(info: dict) -> dict:
         },
         size=[400, 520],
     )
-    shift = g.node("ModelSamplingSD3", (0, 560), {"shift": 8.0})
+    shift = models.node("ModelSamplingSD3", {"shift": 8.0})
     g.connect(loader, "model", shift, "model")
-    text_to_video(g, shift, "MODEL", 440, "wan22_blockswap/loader")
-    g.note(
-        (-480, 0),
+    text_to_video(g, shift, "MODEL", models.next(), "wan22_blockswap/loader")
+    note_column(g).note(
         "WAN BlockSwap Model Loader example: the loader and BlockSwap in one node, text to video with WAN 2.1 "
         "T2V 14B (fp8_scaled).\n\n"
         "File: wan22_blockswap_loader.json. Model files (ComfyUI/models/...), as Comfy-Org's repackaged "

@@ -1,8 +1,9 @@
 """Runs the host tests (tests/host/host_*.py) once per ComfyUI checkout, each in its own process.
 
 ComfyUI's modules are process-global, so every checkout gets a fresh interpreter. Checkouts are found
-in COMFYUI_PATH (':'-separated), $HOME/ComfyUI and $HOME/comfy-hosts/*; without one the host tests
-are skipped with that reason, and the core suite still runs.
+in this order: the ComfyUI the pack is installed in (ComfyUI/custom_nodes/<pack>), COMFYUI_PATH
+(':'-separated), $HOME/ComfyUI and $HOME/comfy-hosts/*; without one the host tests are skipped with that
+reason, and the core suite still runs. .ci/run uses find_comfyui_checkouts() too.
 """
 
 from __future__ import annotations
@@ -17,22 +18,44 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def find_comfyui_checkouts() -> list[Path]:
-    candidates = [Path(p) for p in os.environ.get("COMFYUI_PATH", "").split(os.pathsep) if p]
-    home = Path.home()
+def is_comfyui(path: Path) -> bool:
+    return (path / "comfy" / "model_patcher.py").is_file()
+
+
+def enclosing_comfyui(pack_root: Path = ROOT) -> Path | None:
+    """The ComfyUI this pack is installed in (ComfyUI/custom_nodes/<pack>), if it is."""
+    parent = pack_root.parent
+    if parent.name == "custom_nodes" and is_comfyui(parent.parent):
+        return parent.parent
+    return None
+
+
+def find_comfyui_checkouts(
+    pack_root: Path = ROOT, home: Path | None = None, comfyui_path: str | None = None
+) -> list[Path]:
+    """ComfyUI checkouts to test against, in this order: the ComfyUI the pack is installed in (the user's
+    own, two folders up), COMFYUI_PATH (':'-separated), $HOME/ComfyUI, $HOME/comfy-hosts/*."""
+    if comfyui_path is None:
+        comfyui_path = os.environ.get("COMFYUI_PATH", "")
+    home = Path.home() if home is None else home
+    candidates = [p for p in [enclosing_comfyui(pack_root)] if p is not None]
+    candidates += [Path(p) for p in comfyui_path.split(os.pathsep) if p]
     candidates.append(home / "ComfyUI")
     if (home / "comfy-hosts").is_dir():
         candidates += sorted((home / "comfy-hosts").iterdir())
     found, seen = [], set()
     for path in candidates:
-        if (path / "comfy" / "model_patcher.py").is_file() and path.resolve() not in seen:
+        if is_comfyui(path) and path.resolve() not in seen:
             seen.add(path.resolve())
             found.append(path)
     return found
 
 
 CHECKOUTS = find_comfyui_checkouts()
-NO_HOST = "no ComfyUI checkout found (set COMFYUI_PATH or put one in $HOME/ComfyUI): host tests not run"
+NO_HOST = (
+    "no ComfyUI checkout found (install the pack in ComfyUI/custom_nodes/, set COMFYUI_PATH or put one in "
+    "$HOME/ComfyUI): host tests not run"
+)
 
 
 def _version(path: Path) -> str:

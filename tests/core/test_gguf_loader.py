@@ -474,3 +474,61 @@ def test_a_last_tensor_type_that_shrinks_it_is_refused(orig_shape_file, tmp_path
     bad = _patch(orig_shape_file, tmp_path / "bad.gguf", pos(last.field.parts[4]), "<I", int(T.Q8_0))
     with pytest.raises(ValueError, match=r"bad\.gguf: its tensors end at byte \d+ but the file has \d+"):
         load_gguf_state_dict(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Files written by gguf's writer as it is, without the orig_shape convention
+# --------------------------------------------------------------------------------------------
+
+
+def _write_plain_gguf(path: Path, sd: dict[str, torch.Tensor], **int_arrays: list[int]) -> Path:
+    """`sd` as F32 tensors through GGUFWriter with no reshaping: a 5-D array is written as 5 dims."""
+    writer = gguf.GGUFWriter(str(path), "wan")
+    for key, values in int_arrays.items():
+        writer.add_array(key.replace("__", "."), values)
+    for name, tensor in sd.items():
+        writer.add_tensor(name, tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_five_dim_tensor_written_by_gguf_as_it_is_loads_as_gguf_reads_it(tmp_path):
+    """gguf's writer stores a 5-D array as 5 dims and its reader reads them back; so must we."""
+    sd = _wan_state_dict()
+    path = _write_plain_gguf(tmp_path / "five_dims.gguf", sd)
+    (stored,) = [t for t in gguf.GGUFReader(path).tensors if t.name == "patch_embedding.weight"]
+    assert len(stored.shape) == 5  # what the bounds used to refuse
+    loaded, _ = load_gguf_state_dict(path)
+    assert loaded.keys() == sd.keys()
+    for name, tensor in sd.items():
+        assert torch.equal(loaded[name], tensor), name
+    assert loaded["patch_embedding.weight"].shape == (DIM, IN_CH, 1, 2, 2)
+
+
+def test_a_dimension_count_past_the_end_is_still_refused(tmp_path, no_hang):
+    sd = _wan_state_dict()
+    path = _write_plain_gguf(tmp_path / "five_dims.gguf", sd)
+    reader, pos = _layout(path)
+    t = next(t for t in reader.tensors if t.name == "patch_embedding.weight")
+    bad = _patch(path, tmp_path / "bad.gguf", pos(t.field.parts[2]), "<I", 2**31)
+    with pytest.raises(ValueError, match=r"bad\.gguf.*the shape of tensor 'patch_embedding\.weight'"):
+        load_gguf_state_dict(bad)
+
+
+@pytest.mark.parametrize("orig", [[-DIM, -IN_CH, 1, 2, 2], [DIM, IN_CH, 1, 2, -4]], ids=["two", "one"])
+def test_a_negative_orig_shape_dimension_is_refused_naming_file_and_tensor(tmp_path, orig):
+    sd = _wan_state_dict()
+    sd["patch_embedding.weight"] = sd["patch_embedding.weight"].reshape(DIM * IN_CH, 1, 2, 2)
+    path = _write_plain_gguf(tmp_path / "negative.gguf", sd, **{ORIG_KEY: orig})
+    with pytest.raises(
+        ValueError,
+        match=rf"negative\.gguf: tensor 'patch_embedding\.weight': .*orig_shape\.patch_embedding\.weight = "
+        rf"\({orig[0]}, .*has a negative dimension",
+    ):
+        load_gguf_state_dict(path)
+
+
+ORIG_KEY = (gguf_loader.ORIG_SHAPE_KEY + "patch_embedding.weight").replace(".", "__")

@@ -245,4 +245,110 @@ def test_cuda_file_tier_copies_from_the_mapped_file_bit_identically(model, tmp_p
     blocks = [u for u in engine.swapped_units if u.name.startswith("blocks.")]
     assert blocks and all(u.in_file for u in blocks)
     assert engine.pinned_bytes() == sum(u.nbytes for u in engine.swapped_units if not u.in_file)
+
+
+# -- the stream protocol under real timing (issue 20: items 4, 5, 9, 10) ------------------------------------
+
+
+def test_cuda_back_to_back_wrapper_attaches_with_pending_kernels(model):
+    """The wrapper path: attach and detach around every model call with no host sync, while the compute
+    stream lags far behind the host (a spin kernel queued first). Each run's slots reuse the memory the last
+    run's kernels may still be reading; its first copies must wait for them."""
+    inputs = sm.example_inputs(model, tokens=1024, vace_contexts=1)
+    reference = reference_output(model, inputs)
+    engine = engine_for(model, 8, 2, True, offload_txt_emb=True)
+    outputs = []
+    with torch.inference_mode():
+        for _ in range(6):
+            torch.cuda._sleep(20_000_000)  # tens of ms of GPU time: everything after it is still pending
+            with engine.attached():
+                outputs.append(model(**inputs))
+    torch.cuda.synchronize()
+    assert all(torch.equal(out, reference) for out in outputs)
+    engine.release()
+
+
+def test_cuda_forty_attaches_use_one_copy_stream_never_a_comfyui_one(model):
+    # ComfyUI's offload streams (priority 0, from torch's low-priority pool), made before the engine's.
+    comfy_streams = [torch.cuda.Stream(device=CUDA, priority=0) for _ in range(2)]
+    engine = engine_for(model, 4, 1, True, reader_streams=lambda: comfy_streams)
+    inputs = sm.example_inputs(model, tokens=128, vace_contexts=1)
+    used = []
+    with torch.inference_mode():
+        for _ in range(40):
+            with engine.attached():
+                model(**inputs)
+                used.append(engine._run.transport.copy_stream)
+            torch.cuda.Stream(device=CUDA, priority=0)  # the pool keeps turning (other users)
+    assert all(stream == used[0] for stream in used)
+    assert not any(used[0] == theirs for theirs in comfy_streams)
+    engine.release()
+
+
+def test_cuda_compute_heavy_run_hides_its_copies_and_stays_exact(model):
+    """Long compute per block (copies hidden behind it) next to the copy-bound cases above: a copy that
+    overwrote a slot while its kernels still ran would show up here."""
+    inputs = sm.example_inputs(model, tokens=16384, vace_contexts=1)
+    reference = reference_output(model, inputs)
+    engine = engine_for(model, 8, 1, True, debug=True)
+    with engine.attached(), torch.inference_mode():
+        for _ in range(2):
+            assert torch.equal(model(**inputs), reference)
+    stats = engine.last_run
+    assert stats.stall_ms < stats.compute_ms, (stats.stall_ms, stats.compute_ms)
+    engine.release()
+
+
+def test_cuda_slabs_are_unpinned_after_the_last_prefetch_landed(model):
+    """release() right after a run: the wrapped prefetch still reads a pinned slab; the host waits for it."""
+    inputs = sm.example_inputs(model, tokens=256, vace_contexts=1)
+    engine = engine_for(model, 8, 2, True)
+    with torch.inference_mode():
+        torch.cuda._sleep(50_000_000)  # the copies queue behind the compute of this run
+        with engine.attached():
+            model(**inputs)
+    copy_stream = engine._copy_streams[0]
+    engine.release()
+    assert copy_stream.query()  # nothing left in flight when the slabs were unpinned
+    assert engine.pinned_bytes() == 0
+
+
+def test_cuda_a_graph_capture_of_a_swapped_model_is_refused():
+    m = sm.build_model("tiny", "t2v", num_layers=3, device=CUDA, init_device=CUDA)
+    inputs = sm.example_inputs(m, tokens=64)
+    choice = wu.select_wan_units(m, 2)
+    engine = bm.BlockSwapEngine(choice.units, choice.swap, CUDA, prefetch_blocks=1, placement="host")
+    with torch.inference_mode():
+        m(**inputs)  # warm-up (cuBLAS handles) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match=r"reduce-overhead"), torch.cuda.graph(graph):
+            engine.attach()
+        assert not engine.is_attached
+        with engine.attached():
+            graph = torch.cuda.CUDAGraph()
+            with pytest.raises(RuntimeError, match="CUDA graph capture"), torch.cuda.graph(graph):
+                m(**inputs)
+    assert not engine.is_attached
+    engine.release()
+
+
+def test_cuda_reduce_overhead_compile_is_exact_or_refused():
+    """torch.compile(mode='reduce-overhead') records CUDA graphs of each block's compiled body; the hooks run
+    outside them (torch.compiler.disable). Either the replays read the slots correctly or the run is refused
+    with the message naming the setting: never a silently different output."""
+    m = sm.build_model("tiny", "t2v", num_layers=3, device=CUDA, init_device=CUDA)
+    inputs = sm.example_inputs(m, tokens=64)
+    for block in m.blocks:
+        block.compile(mode="reduce-overhead")
+    with torch.inference_mode():
+        reference = [m(**inputs).clone() for _ in range(3)]
+    choice = wu.select_wan_units(m, 2)
+    engine = bm.BlockSwapEngine(choice.units, choice.swap, CUDA, prefetch_blocks=1, placement="host")
+    try:
+        with engine.attached(), torch.inference_mode():
+            got = [m(**inputs).clone() for _ in range(3)]
+    except RuntimeError as error:
+        assert "reduce-overhead" in str(error)
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))
     engine.release()

@@ -139,8 +139,12 @@ def running_server(
     frontend: Path | None = None,
     prepare=None,
     timeout_s: float = START_TIMEOUT_S,
+    gpu: bool = False,
 ) -> Iterator[Server]:
     """Starts the server of `checkout` in `root` (a fresh folder) and stops it on exit.
+
+    gpu: start it as users do on a GPU (no --cpu: ComfyUI's default device, allocator and, on 0.16+,
+    dynamic VRAM); the default is `--cpu`.
 
     frontend: the folder served as the UI; None serves an empty folder (no UI, nothing fetched).
     prepare: called with the base directory after the install, before the start (model files).
@@ -156,7 +160,7 @@ def running_server(
     cmd = [
         sys.executable,
         str(checkout / "main.py"),
-        "--cpu",
+        *([] if gpu else ["--cpu"]),
         "--listen",
         HOST,
         "--port",

@@ -9,10 +9,16 @@ For every example_workflows/*.json: loaded with the frontend's `app.loadGraphDat
 - no missing-node report (the frontend's own `showMissingNodesError`, and no error overlay),
 - every node of this pack built from its definition, with a widget for each widget input,
 - the values the UI holds, by input name, equal the file's (and the UI would save the file's values),
-and a screenshot written to the test's tmp folder (one copied to docs/ with WAN22_UPDATE_SCREENSHOT=1).
-A copy of the t2v example with tiny stand-in model files of the same names (the text encoder replaced by
-the test-only conditioning node) is queued from the UI and must complete. Negative control: a workflow
-with an unknown node type fails the same check.
+- no two nodes overlap (the frontend's own bounding boxes, title bars included),
+and a screenshot written to the test's tmp folder. With WAN22_UPDATE_SCREENSHOT=1 the t2v one is copied to
+docs/example_t2v.png (the README's picture) and every example's thumbnail is written beside it as
+example_workflows/<name>.jpg, the name ComfyUI's template browser asks for.
+Every model file an example names exists in the server's model folders (tiny stand-ins), so the frontend
+shows no missing-model message. A copy of the t2v example with runnable stand-ins (a 4-block WAN model, an
+8-channel WAN VAE; the text encoder replaced by the test-only conditioning node) is queued from the UI and
+must complete. Each node of the pack opens its help page (web/docs/<node id>.md) in the node's Info panel.
+Negative controls: an unknown node type, a shifted widget list, two overlapping nodes and a node without
+a help page fail the same checks.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import re
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,6 +46,10 @@ CHECKOUT = Path(os.environ["WAN22_COMFYUI"]).resolve()
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 CHROMIUM = os.environ.get("WAN22_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = ROOT / "docs" / "example_t2v.png"
+HELP_SCREENSHOT = ROOT / "docs" / "help_panel.png"
+HELP_DOCS = ROOT / "web" / "docs"
+THUMBNAIL_SIZE = 512  # square: the template browser's cards crop to their own shape
+UPDATE = os.environ.get("WAN22_UPDATE_SCREENSHOT") == "1"
 PAGE_TIMEOUT_MS = 60_000
 PROMPT_TIMEOUT_S = 120
 
@@ -117,14 +129,52 @@ def _tiny_vae_state_dict() -> dict:
     return {k: v.contiguous() for k, v in vae.state_dict().items()}
 
 
+# Where the file names in each loader's widgets live (ComfyUI's model folders; LoadImage reads input/).
+MODEL_FOLDERS = {
+    "UNETLoader": "models/diffusion_models",
+    "WANModelLoader": "models/diffusion_models",
+    "WAN22BlockSwapLoader": "models/diffusion_models",
+    "CLIPLoader": "models/text_encoders",
+    "CLIPVisionLoader": "models/clip_vision",
+    "VAELoader": "models/vae",
+    "LoraLoaderModelOnly": "models/loras",
+    "LoadImage": "input",
+}
+
+
+def _named_files() -> set[tuple[str, str]]:
+    """(folder, file name) of every model or image file the examples name."""
+    out = set()
+    for path in WORKFLOWS:
+        for node in json.loads(path.read_text())["nodes"]:
+            folder = MODEL_FOLDERS.get(node["type"])
+            for value in node.get("widgets_values") or []:
+                if folder and isinstance(value, str) and value.endswith((".safetensors", ".gguf", ".png")):
+                    out.add((folder, value))
+    return out
+
+
 def _stand_in_models(base: Path) -> None:
-    """Tiny files under the t2v example's model file names."""
+    """Tiny files under every file name the examples use: a runnable WAN model and VAE for the t2v example's
+    names; for the others a placeholder, which is listed (so the frontend reports nothing missing) but
+    never loaded."""
+    from PIL import Image
+
     unet = _node(T2V, "UNETLoader")["widgets_values"][0]
     vae = _node(T2V, "VAELoader")["widgets_values"][0]
     tiny = write_checkpoint(base / "models" / "diffusion_models", "t2v")
     tiny.rename(tiny.with_name(unet))
     (base / "models" / "vae").mkdir(parents=True, exist_ok=True)
     save_file(_tiny_vae_state_dict(), str(base / "models" / "vae" / vae))
+    for folder, name in sorted(_named_files()):
+        path = base / folder / name
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".png"):  # a start frame the UI can preview: a dusk gradient
+            Image.linear_gradient("L").resize((208, 120)).convert("RGB").save(path)
+        else:
+            path.write_bytes(b"placeholder: never loaded by the browser test\n")
 
 
 @pytest.fixture(scope="module")
@@ -170,17 +220,23 @@ async (workflow) => {
   try { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); } catch (e) {}
   window.app.graph.setDirtyCanvas(true, true);
   await new Promise(r => setTimeout(r, 300));
+  // One tab: the workflows loaded before are closed (a screenshot shows only this one).
+  const store = window.app.extensionManager?.workflow;
+  for (const w of [...(store?.openWorkflows ?? [])]) {
+    if (w !== store.activeWorkflow) { try { await store.closeWorkflow(w); } catch (e) {} }
+  }
   const registered = window.LiteGraph.registered_node_types;
   const nodes = window.app.graph.nodes.map(n => ({
     id: n.id,
     type: n.type,
     registered: n.type in registered,
     size: [n.size[0], n.size[1]],
+    bounds: Array.from(n.getBounding()),  // [x, y, width, height], title bar included
     widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value, serialize: w.serialize !== false &&
                                            w.options?.serialize !== false})),
     saved: n.serialize().widgets_values ?? [],  // a node without widgets saves none
   }));
-  const overlay = Array.from(document.querySelectorAll('[role="dialog"], .p-dialog, .p-toast-message'))
+  const overlay = Array.from(document.querySelectorAll('[role="dialog"], .p-dialog, .p-toast-message, [role="alert"]'))
     .map(e => e.innerText).filter(t => t && /missing/i.test(t));
   return {missing: window.__wan22Missing, overlay, nodes};
 }
@@ -227,7 +283,7 @@ def load_in_ui(page, workflow: dict) -> dict:
 def ui_problems(workflow: dict, shown: dict, object_info: dict) -> list[str]:
     """What the UI did not take from the file as written (empty: it loaded as the file says)."""
     problems = [f"missing node type reported by the frontend: {t}" for t in shown["missing"]]
-    problems += [f"missing-node message shown: {text[:200]!r}" for text in shown["overlay"]]
+    problems += [f"'missing' message shown: {text[:200]!r}" for text in shown["overlay"]]
     by_id = {str(n["id"]): n for n in shown["nodes"]}  # the frontend keeps ids as strings
     for node in workflow["nodes"]:
         where = f"node {node['id']} ({node['type']})"
@@ -267,17 +323,76 @@ def ui_problems(workflow: dict, shown: dict, object_info: dict) -> list[str]:
     return problems
 
 
+def overlapping_nodes(shown: dict) -> list[str]:
+    """Pairs of nodes whose boxes, as the frontend measures them (title bar included), overlap."""
+    out = []
+    nodes = shown["nodes"]
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1 :]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["bounds"], b["bounds"]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                out.append(f"node {a['id']} ({a['type']}) overlaps node {b['id']} ({b['type']})")
+    return out
+
+
+def _missing_messages(page) -> list[str]:
+    return page.evaluate(
+        """() => Array.from(document.querySelectorAll('[role="dialog"], .p-dialog, .p-toast-message, [role="alert"]'))
+             .map(e => e.innerText).filter(t => t && /missing/i.test(t))"""
+    )
+
+
+# The part of the screen the graph covers (every node's box and a margin), for pictures of the graph alone.
+GRAPH_CLIP = """
+() => {
+  const rect = window.app.canvas.canvas.getBoundingClientRect();
+  const dpr = window.devicePixelRatio || 1;
+  let [l, t, r, b] = [Infinity, Infinity, -Infinity, -Infinity];
+  for (const n of window.app.graph.nodes) {
+    const [x, y, w, h] = n.getBounding();
+    const [x1, y1] = window.app.canvas.ds.convertOffsetToCanvas([x, y]);
+    const [x2, y2] = window.app.canvas.ds.convertOffsetToCanvas([x + w, y + h]);
+    [l, t, r, b] = [Math.min(l, x1), Math.min(t, y1), Math.max(r, x2), Math.max(b, y2)];
+  }
+  const m = 24;
+  const left = Math.max(rect.left, rect.left + l / dpr - m), top = Math.max(rect.top, rect.top + t / dpr - m);
+  const right = Math.min(rect.right, rect.left + r / dpr + m);
+  const bottom = Math.min(rect.bottom, rect.top + b / dpr + m);
+  return {x: left, y: top, width: right - left, height: bottom - top};
+}
+"""
+
+
+def _thumbnail(png: Path, jpg: Path) -> None:
+    """The graph's picture fitted into a square on the canvas colour."""
+    from PIL import Image
+
+    with Image.open(png) as shot:
+        graph = shot.convert("RGB")
+        graph.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        square = Image.new("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE), graph.getpixel((2, 2)))
+        square.paste(graph, (0, (THUMBNAIL_SIZE - graph.height) // 2))
+        square.save(jpg, quality=85, optimize=True)
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_browser_loads_example_as_written(path, page, object_info, tmp_path_factory):
     workflow = json.loads(path.read_text())
     shown = load_in_ui(page, workflow)
     shots = tmp_path_factory.getbasetemp() / "screenshots"
     shots.mkdir(exist_ok=True)
-    page.screenshot(path=str(shots / f"{path.stem}.png"))
-    print(f"\nscreenshot: {shots / f'{path.stem}.png'}")
-    if path.stem == "wan22_blockswap_t2v" and os.environ.get("WAN22_UPDATE_SCREENSHOT") == "1":
-        shutil.copyfile(shots / f"{path.stem}.png", SCREENSHOT)
+    page.wait_for_timeout(700)  # the frontend's missing-model check runs after the load
+    shot, graph_shot = shots / f"{path.stem}.png", shots / f"{path.stem}_graph.png"
+    page.screenshot(path=str(shot))  # the whole window: tabs, toolbars, any message
+    page.screenshot(path=str(graph_shot), clip=page.evaluate(GRAPH_CLIP))
+    print(f"\nscreenshots: {shot} {graph_shot}")
+    if UPDATE:
+        if path.stem == "wan22_blockswap_t2v":
+            shutil.copyfile(graph_shot, SCREENSHOT)
+        _thumbnail(graph_shot, path.with_suffix(".jpg"))
     problems = ui_problems(workflow, shown, object_info)
+    problems += overlapping_nodes(shown)
+    problems += [f"'missing' message shown: {text[:200]!r}" for text in _missing_messages(page)]
     assert not problems, "\n".join(problems)
     # Every node of this pack is there with a widget per widget input of its definition.
     ours = [
@@ -302,6 +417,31 @@ def test_browser_check_fails_on_unknown_node_type(page, object_info):
     problems = ui_problems(broken, shown, object_info)
     assert "Wan22NoSuchNodeType" in shown["missing"], shown["missing"]
     assert any("Wan22NoSuchNodeType" in p for p in problems), problems
+
+
+def test_browser_overlap_check_fails_on_overlapped_example(page):
+    """Negative control: a node moved onto its neighbour is reported, by the frontend's own bounding boxes."""
+    broken = copy.deepcopy(T2V)
+    loader, swap = _node(broken, "UNETLoader"), _node(broken, "wan22BlockSwap")
+    swap["pos"] = [loader["pos"][0] + 40, loader["pos"][1] + 40]
+    found = overlapping_nodes(load_in_ui(page, broken))
+    assert f"node {loader['id']} (UNETLoader) overlaps node {swap['id']} (wan22BlockSwap)" in found, found
+
+
+def test_examples_have_template_thumbnails(server):
+    """Each example has <name>.jpg beside it, served where ComfyUI's template browser fetches it
+    (/api/workflow_templates/<pack folder>/<name>.jpg), and /workflow_templates lists every example."""
+    from PIL import Image
+
+    listed = server.get("/workflow_templates").get(PACK_DIR, [])
+    assert sorted(listed) == [p.stem for p in WORKFLOWS]
+    for path in WORKFLOWS:
+        jpg = path.with_suffix(".jpg")
+        assert jpg.is_file(), f"{jpg.name} missing (WAN22_UPDATE_SCREENSHOT=1 writes it)"
+        with Image.open(jpg) as image:
+            assert image.format == "JPEG" and image.size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+        status, body, kind = fetch_raw(server, f"/api/workflow_templates/{PACK_DIR}/{jpg.name}")
+        assert status == 200 and kind == "image/jpeg" and body == jpg.read_bytes(), (jpg.name, status, kind)
 
 
 def test_browser_check_fails_on_shifted_widget_values(page, object_info):
@@ -378,3 +518,149 @@ def test_browser_queues_t2v_example_and_it_completes(page, server, object_info):
     path = server.base / "output" / image["subfolder"] / image["filename"]
     assert path.is_file() and path.stat().st_size > 0
     assert not page.page_errors, page.page_errors
+
+
+# --- help pages: the node's Info panel ---------------------------------------------------------------------
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def fetch_raw(server, path: str) -> tuple[int, bytes, str]:
+    """(status, body, content type) of a GET, without decoding."""
+    try:
+        with _NO_PROXY.open(server.url + path, timeout=30) as resp:
+            return resp.status, resp.read(), resp.headers.get_content_type()
+    except urllib.error.HTTPError as err:
+        return err.code, b"", ""
+
+
+# A fresh graph holding one node of `type`, selected.
+ADD_NODE = """
+async (type) => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
+  const panel = pinia._s.get('rightSidePanel');
+  panel.closePanel();  // the Info tab is built again for the next node, not left showing the last one
+  for (let i = 0; i < 50 && document.querySelector('.node-help-content'); i++) await sleep(50);
+  const graph = window.app.graph;
+  graph.clear();
+  const node = window.LiteGraph.createNode(type);
+  graph.add(node);
+  node.pos = [400, 300];
+  window.app.canvas.ds.offset = [0, 0];
+  window.app.canvas.ds.scale = 1;
+  window.app.canvas.selectNode(node);
+  graph.setDirtyCanvas(true, true);
+  await sleep(300);
+}
+"""
+
+# Where the only node's title bar is on the screen now (the canvas resizes when the side panel opens).
+LOCATE_NODE = """
+() => {
+  const node = window.app.graph.nodes[0];
+  const rect = window.app.canvas.canvas.getBoundingClientRect();
+  const [x, y] = window.app.canvas.ds.convertOffsetToCanvas([node.pos[0] + 60, node.pos[1] - 15]);
+  const dpr = window.devicePixelRatio || 1;
+  return [rect.left + x / dpr, rect.top + y / dpr];
+}
+"""
+
+# The selected node's Info tab in the right side panel: its help page (markdown), or the frontend's fallback
+# (description and input table) when the pack has no page for it.
+SHOW_HELP = """
+async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
+  const panel = pinia._s.get('rightSidePanel');
+  const start = Date.now();
+  while (Date.now() - start < 1500) {
+    if (!panel.isOpen || panel.activeTab !== 'info') panel.openPanel('info');
+    const help = document.querySelector('.node-help-content');
+    const page = help?.querySelector('.markdown-content');
+    const fallback = help?.querySelector('.fallback-content');
+    if (page && page.innerText.trim()) return {kind: 'page', text: page.innerText};
+    if (fallback) return {kind: 'fallback', text: fallback.innerText};
+    await sleep(100);
+  }
+  return {kind: 'none', text: `panel ${panel.isOpen ? 'open' : 'closed'} on tab ${panel.activeTab}`};
+}
+"""
+
+
+def open_help(page, node_type: str) -> dict:
+    """Adds a node of `node_type`, selected, and reads its Info panel; where the panel has not seen the
+    selection yet, clicks the node's title as a user does (the first click into a fresh canvas may only
+    focus it)."""
+    page.evaluate(ADD_NODE, node_type)
+    for _ in range(4):
+        shown = page.evaluate(SHOW_HELP)
+        if shown["kind"] != "none":
+            break
+        page.mouse.click(*page.evaluate(LOCATE_NODE))
+    return shown
+
+
+def help_page_file(node_id: str) -> Path | None:
+    """The node's page as the frontend looks for it: docs/<id>/<locale>.md, then docs/<id>.md."""
+    for path in (HELP_DOCS / node_id / "en.md", HELP_DOCS / f"{node_id}.md"):
+        if path.is_file():
+            return path
+    return None
+
+
+def help_problems(page, node_ids) -> list[str]:
+    """Nodes whose Info panel does not show their help page from web/docs (empty: every one does)."""
+    problems = []
+    for node_id in node_ids:
+        shown = open_help(page, node_id)
+        path = help_page_file(node_id)
+        title = path.read_text().splitlines()[0].lstrip("# ").strip() if path else None
+        if shown["kind"] != "page":
+            problems.append(
+                f"{node_id}: no help page in the Info panel ({shown['kind']}: {shown['text'][:80]!r})"
+            )
+        elif title is None or not shown["text"].startswith(title):
+            problems.append(f"{node_id}: the Info panel shows {shown['text'][:60]!r}, not its page {title!r}")
+    return problems
+
+
+def _pack_nodes(object_info: dict) -> list[str]:
+    return sorted(k for k, v in object_info.items() if v.get("python_module") == f"custom_nodes.{PACK_DIR}")
+
+
+def test_browser_help_page_per_node(page, server, object_info, tmp_path_factory):
+    ours = _pack_nodes(object_info)
+    assert len(ours) == 6, ours
+    problems = help_problems(page, ours)
+    assert not problems, "\n".join(problems)
+    # Served where the frontend fetches it, as Markdown (an HTML answer counts as missing there).
+    for node_id in ours:
+        path = help_page_file(node_id)
+        status, body, kind = fetch_raw(server, f"/extensions/{PACK_DIR}/{path.relative_to(ROOT / 'web')}")
+        assert status == 200 and kind != "text/html" and body == path.read_bytes(), (node_id, status, kind)
+    # One Help panel as a picture: the main node's.
+    open_help(page, "wan22BlockSwap")
+    shot = tmp_path_factory.getbasetemp() / "screenshots" / "help_panel.png"
+    shot.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(shot))
+    print(f"\nscreenshot: {shot}")
+    if UPDATE:
+        shutil.copyfile(shot, HELP_SCREENSHOT)
+    # The deprecated id's page (docs/WAN22BlockSwap/en.md) is the main id's page: on a case-insensitive file
+    # system (Windows, macOS) the frontend's request for one may be answered with the other.
+    assert (HELP_DOCS / "WAN22BlockSwap" / "en.md").read_bytes() == (
+        HELP_DOCS / "wan22BlockSwap.md"
+    ).read_bytes()
+    # No page left over for a node id the pack does not register.
+    pages = {p.stem for p in HELP_DOCS.glob("*.md")} | {p.parent.name for p in HELP_DOCS.glob("*/en.md")}
+    assert pages == set(ours), pages ^ set(ours)
+
+
+def test_browser_help_check_fails_for_a_node_without_page(page, object_info):
+    """Negative control: the test-only conditioning node has no help page; the same check says so."""
+    assert "Wan22TestRandomConditioning" in object_info
+    problems = help_problems(page, ["Wan22TestRandomConditioning"])
+    assert problems and problems[0].startswith(
+        "Wan22TestRandomConditioning: no help page in the Info panel (fallback"
+    ), problems

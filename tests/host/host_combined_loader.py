@@ -3,7 +3,10 @@ once into its final home, and a model that behaves exactly like WAN Model Loader
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
+import sys
 
 import comfy.model_management as mm
 import pytest
@@ -132,23 +135,21 @@ class SpyHeldBack(loader.HeldBackCopies):
 
     def sources(self):
         out = super().sources()
-        SpyHeldBack.held = set(out)
+        SpyHeldBack.held |= set(out)
         return out
 
-    def complete(self, taken=frozenset(), on_copy=None):
+    def complete(self, taken=frozenset(), on_copy=None, only=None):
         def record(dst):
             SpyHeldBack.made.append(dst)
             if on_copy is not None:
                 on_copy(dst)
 
-        return super().complete(taken, on_copy=record)
+        return super().complete(taken, on_copy=record, only=only)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_right_after_the_node_every_swapped_tensor_is_in_its_slab_read_from_the_file_once(
-    fmt, names, monkeypatch
-):
-    SpyHeldBack.made = []
+def test_after_the_node_every_swapped_tensor_is_in_its_slab_read_from_the_file_once(fmt, names, monkeypatch):
+    SpyHeldBack.made, SpyHeldBack.held = [], set()
     monkeypatch.setattr(loader, "HeldBackCopies", SpyHeldBack)
     settings = {"blocks_to_swap": 3, "offload_txt_emb": True}
     card = SimulatedCard(total=2**30)
@@ -159,6 +160,9 @@ def test_right_after_the_node_every_swapped_tensor_is_in_its_slab_read_from_the_
         del reference
         mm.unload_all_models()
         model = combined(node_args(fmt, names), **settings)
+        # Nothing of the model on the card, and no resident weight read, until ComfyUI's first load.
+        assert (loaded_weight_memory(model), card.weights_on_card(model), SpyHeldBack.made) == (0, 0, [])
+        mm.load_models_gpu([model])
         # ComfyUI placed the resident weights, as it places them for the two nodes; no swapped block went to
         # the "GPU" (ComfyUI's own figure differs from the bytes on the card for fp8_scaled in both paths)
         assert (loaded_weight_memory(model), card.weights_on_card(model)) == expected
@@ -306,20 +310,22 @@ def test_bad_files_and_choices_are_refused_as_the_loader_refuses_them(names, mod
         assert str(combined_error.value) == str(separate_error.value)
 
 
-def test_one_log_line_gives_the_bytes_to_the_gpu_and_to_the_slabs(names, caplog):
+def test_one_log_line_gives_the_bytes_read_into_the_slabs_and_what_is_read_at_the_first_load(names, caplog):
     with caplog.at_level(logging.INFO):
         model = combined(node_args("fp32", names), blocks_to_swap=3)
     units = callbacks.plan_of(model).engine.swapped_units
     lines = [r.getMessage() for r in caplog.records if "WAN BlockSwap Model Loader" in r.getMessage()]
     assert len(lines) == 1, lines
     slab = sum(u.nbytes for u in units)
+    others = len(model.model.diffusion_model.state_dict()) - sum(1 for u in units for _ in u.tensors())
     from wan22_blockswap.utils import format_bytes
 
-    assert f"0.0 MiB to the GPU, {format_bytes(slab)} into host slabs of 3 swapped units" in lines[0]
+    assert f"{format_bytes(slab)} read into host slabs of 3 swapped units" in lines[0]
     assert f"(0.0 MiB pinned, {format_bytes(slab)} pageable)" in lines[0]
+    assert f"the other {others} weights are read from the file when ComfyUI first loads the model" in lines[0]
 
 
-def test_one_progress_bar_counts_every_tensor_read_from_the_file(names, monkeypatch):
+def test_progress_bars_count_every_tensor_read_from_the_file(names, monkeypatch):
     import comfy.utils
 
     bars = []
@@ -337,6 +343,91 @@ def test_one_progress_bar_counts_every_tensor_read_from_the_file(names, monkeypa
 
     monkeypatch.setattr(comfy.utils, "ProgressBar", RecordingBar)
     model = combined(node_args("fp32", names), blocks_to_swap=3)
+    slabs = sum(1 for u in callbacks.plan_of(model).engine.swapped_units for _ in u.tensors())
+    (node,) = [b for b in bars if b.total == slabs]  # the node: the swapped blocks, into their slabs
+    assert node.done == node.total
+    del bars[:]
+    mm.load_models_gpu([model])  # the first load: the other weights, where ComfyUI put them
     read = len(model.model.diffusion_model.state_dict())  # every tensor of the file: slabs and the rest
-    (bar,) = [b for b in bars if b.total == read]
-    assert bar.done == bar.total
+    assert sum(b.total for b in bars) == read - slabs and all(b.done == b.total for b in bars)
+
+
+@contextlib.contextmanager
+def dynamic_vram_on():
+    """ComfyUI's dynamic VRAM switched on as its main.py switches it on an Nvidia GPU (0.16+): comfy-aimdo's
+    library loaded (`control.init`, which loads on a CPU machine too), the dynamic patcher made the default and
+    `aimdo_enabled` set, so its layers load lazily and safetensors files are read through aimdo's mapping. (No
+    model is sampled through the dynamic patcher here: the combined loader with override_dynamic_vram builds a
+    classic one.)"""
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        pytest.skip("this ComfyUI has no dynamic VRAM")
+    import comfy.memory_management
+    import comfy_aimdo.control
+
+    assert comfy_aimdo.control.init()
+    mapping = sys.modules.get("comfy_aimdo.model_mmap")
+    if (
+        mapping is not None and mapping.lib is None
+    ):  # imported before the library was loaded (main.py loads it first)
+        importlib.reload(mapping)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcherDynamic)
+        mp.setattr(comfy.memory_management, "aimdo_enabled", True)
+        yield
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_scaled", "gguf"])
+def test_with_dynamic_vram_on_the_swapped_blocks_are_still_read_from_the_file_into_their_slabs_only(
+    fmt, names, monkeypatch
+):
+    """0.16+ with comfy-aimdo: its layers take their weights as `Parameter(file_tensor.clone())`, not by a copy
+    into an allocated parameter; those reads are held back too."""
+    SpyHeldBack.made, SpyHeldBack.held = [], set()
+    monkeypatch.setattr(loader, "HeldBackCopies", SpyHeldBack)
+    with dynamic_vram_on():
+        model = combined(node_args(fmt, names), blocks_to_swap=3, override_dynamic_vram=True)
+        units = callbacks.plan_of(model).engine.swapped_units
+        plain = [t for u in units for *_, t in u.tensors() if type(t) in (torch.Tensor, torch.nn.Parameter)]
+        held = sum(1 for t in plain if id(t) in SpyHeldBack.held)
+        assert held == len(plain) > 0  # every plain swapped tensor read from the file into its slab
+        assert callbacks.plan_of(model).engine.counters.slab_tensors_from_sources == len(plain)
+        swapped_ids = {id(t) for t in plain}
+        resident = [t for t in model.model.diffusion_model.parameters() if id(t) not in swapped_ids]
+        if fmt != "fp8_scaled":  # (its mixed-precision layers take some as views of the file: nothing read)
+            assert {id(t) for t in resident if type(t) is torch.nn.Parameter} <= SpyHeldBack.held
+        out = sample(model, steps=2)
+        del model
+        mm.unload_all_models()
+        reference = separate(node_args(fmt, names), blocks_to_swap=3, override_dynamic_vram=True)
+        assert torch.equal(out, sample(reference, steps=2))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_scaled", "gguf"])
+def test_resident_weights_reach_the_card_once_at_the_first_sampling_even_with_a_lora_in_between(fmt, names):
+    """The node places nothing: a LoRA node downstream (a new weight-patch identity) would otherwise make
+    ComfyUI move the weights the node loaded back to RAM and to the card again at the first sampling."""
+    args = node_args(fmt, names)
+    outputs = []
+    for build in (separate, combined):
+        card = SimulatedCard(total=2**40)
+        with card.active():
+            model = build(args)
+            if build is combined:
+                assert card.weights_on_card() == 0 and not card.arrivals  # nothing of the model on the card
+            lora = with_lora(model, lora_patches(model))
+            outputs.append(sample(lora, steps=2))
+            if build is combined:
+                units = callbacks.plan_of(lora).engine.swapped_units
+                swapped = {(o, a) for u in units for o, a, _, _ in u.tensors()}
+                resident = [
+                    (m, name)
+                    for m in lora.model.diffusion_model.modules()
+                    for name, t in [*m._parameters.items(), *m._buffers.items()]
+                    if t is not None and (m, name) not in swapped
+                ]
+                assert resident and {card.arrivals[key] for key in resident} == {1}
+                assert not swapped & set(card.arrivals)
+            del model, lora
+    assert torch.equal(outputs[1], outputs[0])

@@ -44,7 +44,11 @@ def test_load_never_puts_swapped_blocks_in_vram(checkpoint):
     mm.load_models_gpu([swapped])
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
-    resident = swapped.loaded_size() - p.slot_bytes  # what ComfyUI put on the GPU
+    # ComfyUI's loaded-memory figure is the resident weights it moved; the slots are not counted (room for
+    # them is kept by loading slot_bytes less than granted, and they exist only during a run).
+    resident = swapped.loaded_size()
+    assert 0 < resident <= swapped.model_size() - p.slot_bytes, (resident, swapped.model_size(), p.slot_bytes)
+    assert torch.cuda.memory_allocated() - before >= resident  # those bytes really are in VRAM now
     largest_block = max(u.param_bytes() for u in p.engine.swapped_units)
     assert peak <= resident + largest_block, (peak, resident, largest_block)
     for unit in p.engine.swapped_units:
@@ -109,3 +113,54 @@ def test_comfyui_lowvram_clone_and_swapped_clone_take_turns_without_pin_trouble(
     messages = [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "Tried to unpin" in m or "invalid argument" in m], messages
     assert torch.equal(gpu_sample(base), reference)
+
+
+# -- --highvram / --gpu-only: ComfyUI's offload device is the GPU (run with WAN22_COMFYUI_FLAGS=highvram) --------
+
+highvram_only = pytest.mark.skipif(
+    mm.vram_state != mm.VRAMState.HIGH_VRAM,
+    reason="needs ComfyUI's --highvram (WAN22_COMFYUI_FLAGS=highvram)",
+)
+
+
+def assert_swapped_in_host_ram(model):
+    for unit in plan(model).engine.swapped_units:
+        lo, hi = unit.slab.data_ptr(), unit.slab.data_ptr() + unit.slab.numel()
+        for *_, t in unit.tensors():
+            assert t.device.type == "cpu" and lo <= t.data_ptr() < hi, unit.name
+
+
+@highvram_only
+def test_highvram_unload_all_models_leaves_swapped_blocks_in_host_ram(checkpoint):
+    base = load(checkpoint, dtype=torch.bfloat16)
+    assert base.offload_device.type == "cuda"
+    swapped = swap(base, blocks_to_swap=6, prefetch_blocks=1, use_non_blocking=True)
+    reference = gpu_sample(base)
+    mm.unload_all_models()
+    assert torch.equal(gpu_sample(swapped), reference)
+    torch.cuda.synchronize()
+    loaded = torch.cuda.memory_allocated()
+    mm.unload_all_models()  # ComfyUI moves the model to its offload device: the GPU
+    torch.cuda.synchronize()
+    assert_swapped_in_host_ram(swapped)
+    # the resident weights stay where they were; no swapped block was added to them (4 MiB for workspaces)
+    assert torch.cuda.memory_allocated() <= loaded + 4 * 2**20, (torch.cuda.memory_allocated(), loaded)
+    assert torch.equal(gpu_sample(swapped), reference)
+
+
+@highvram_only
+def test_highvram_looper_turn_leaves_the_rivals_swapped_blocks_in_host_ram(checkpoint, tmp_path):
+    from wan22_blockswap import looper
+    from wan22_blockswap.config import SwapConfig
+
+    low_path = write_checkpoint(tmp_path, "t2v", num_layers=8, dim=1536, ffn_dim=8960, seed=9)
+    bases = [load(checkpoint, dtype=torch.bfloat16), load(low_path, dtype=torch.bfloat16)]
+    config = SwapConfig(blocks_to_swap=6, prefetch_blocks=1, use_non_blocking=True)
+    high, low = looper.swap_pair(*bases, config)
+    gpu_sample(high)
+    gpu_sample(low)  # its turn unloads high to the offload device (the GPU)
+    torch.cuda.synchronize()
+    assert_swapped_in_host_ram(high)
+    gpu_sample(high)
+    torch.cuda.synchronize()
+    assert_swapped_in_host_ram(low)

@@ -18,6 +18,7 @@ Only models created while the card is active get `cpu:1` as their load device.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 
@@ -39,6 +40,8 @@ class SimulatedCard:
     # (module, parameter or buffer name) -> the device ComfyUI last moved it to
     ledger: dict = dataclasses.field(default_factory=dict)
     moves: list = dataclasses.field(default_factory=list)  # (module, device) per .to() ComfyUI made
+    # (module, parameter or buffer name) -> how many times a .to() brought it onto the card from elsewhere
+    arrivals: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     # -- what is on the card ------------------------------------------------------------------
 
@@ -121,6 +124,8 @@ class SimulatedCard:
                 for sub in module.modules():
                     for name, t in list(sub._parameters.items()) + list(sub._buffers.items()):
                         if t is not None:
+                            if device == DEVICE and card.ledger.get((sub, name)) != DEVICE:
+                                card.arrivals[(sub, name)] += 1
                             card.ledger[(sub, name)] = device
             return out
 
