@@ -28,7 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TIMEOUT_S = 180
-SEED, STEPS, CFG, FRAMES, SIZE = 0, 2, 2.0, 5, 64  # 5 frames -> 2 latent frames; 64 px -> 8x8 latent
 CHECKPOINT = "tiny_wan_t2v.safetensors"
 
 
@@ -38,6 +37,10 @@ def _module(name: str, path: Path):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# The suite's server machinery and the tiny t2v prompt's sampling nodes (tests/host/comfy_server.py).
+SERVER = _module("_wan22_comfy_server", ROOT / "tests" / "host" / "comfy_server.py")
 
 
 def write_checkpoint(folder: Path) -> None:
@@ -51,34 +54,6 @@ def write_checkpoint(folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / CHECKPOINT))
 
 
-def _sample_and_save(model: list, prefix: str) -> dict:
-    """Random conditioning, an empty video latent, KSampler on `model`, SaveLatent (nodes "3" to "7")."""
-    return {
-        "3": {"class_type": "Wan22TestRandomConditioning", "inputs": {"seed": SEED + 1, "tokens": 8}},
-        "4": {"class_type": "Wan22TestRandomConditioning", "inputs": {"seed": SEED + 2, "tokens": 8}},
-        "5": {
-            "class_type": "EmptyHunyuanLatentVideo",
-            "inputs": {"width": SIZE, "height": SIZE, "length": FRAMES, "batch_size": 1},
-        },
-        "6": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": model,
-                "seed": SEED,
-                "steps": STEPS,
-                "cfg": CFG,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["3", 0],
-                "negative": ["4", 0],
-                "latent_image": ["5", 0],
-                "denoise": 1.0,
-            },
-        },
-        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": prefix}},
-    }
-
-
 SWAP = {"offload_txt_emb": False, "offload_img_emb": False, "prefetch_blocks": 1, "use_non_blocking": True}
 
 
@@ -89,7 +64,7 @@ def blockswap_prompt() -> dict:
             "class_type": "wan22BlockSwap",
             "inputs": {"model": ["1", 0], "blocks_to_swap": 2, "override_dynamic_vram": True, **SWAP},
         },
-        **_sample_and_save(["2", 0], "wan22_gpu/blockswap"),
+        **SERVER.sample_and_save(["2", 0], "wan22_gpu/blockswap"),
     }
 
 
@@ -108,7 +83,7 @@ def combined_loader_prompt() -> dict:
             "class_type": "WAN22BlockSwapLoader",
             "inputs": {**loader_inputs, "blocks_to_swap": 2, "auto_blocks_to_swap": True, **SWAP},
         },
-        **_sample_and_save(["1", 0], "wan22_gpu/combined_auto"),
+        **SERVER.sample_and_save(["1", 0], "wan22_gpu/combined_auto"),
     }
 
 
@@ -136,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--log-dir", type=Path, default=None, help="where the server log is copied")
     p.add_argument("--cpu", action="store_true", help="start the server with --cpu")
     args = p.parse_args(argv)
-    server_module = _module("_wan22_comfy_server", ROOT / "tests" / "host" / "comfy_server.py")
+    server_module = SERVER
     checkout = args.checkout.resolve()
     root = Path(tempfile.mkdtemp(prefix="wan22_gpu_server_"))
     passed = False

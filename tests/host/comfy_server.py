@@ -226,3 +226,37 @@ def wait_for_history(srv: Server, prompt_id: str, timeout_s: float) -> dict:
         if time.monotonic() > deadline:
             raise ServerError(f"prompt {prompt_id} not done after {timeout_s} s{srv.tail()}")
         time.sleep(0.25)
+
+
+# The tiny t2v prompt's sampling settings and nodes "3" to "7" (conditioning, latent, KSampler, SaveLatent),
+# shared by the server test and the GPU check's server driver.
+SEED, STEPS, CFG, FRAMES, SIZE = 0, 2, 2.0, 5, 64  # 5 frames -> 2 latent frames; 64 px -> 8x8 latent
+
+
+def sample_and_save(model: list, prefix: str) -> dict:
+    """Random conditioning (seeds SEED + 1 and SEED + 2, as comfy_helpers.sample() uses), an empty video
+    latent, KSampler on `model` and SaveLatent under `prefix`."""
+    return {
+        "3": {"class_type": "Wan22TestRandomConditioning", "inputs": {"seed": SEED + 1, "tokens": 8}},
+        "4": {"class_type": "Wan22TestRandomConditioning", "inputs": {"seed": SEED + 2, "tokens": 8}},
+        "5": {
+            "class_type": "EmptyHunyuanLatentVideo",
+            "inputs": {"width": SIZE, "height": SIZE, "length": FRAMES, "batch_size": 1},
+        },
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model,
+                "seed": SEED,
+                "steps": STEPS,
+                "cfg": CFG,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["3", 0],
+                "negative": ["4", 0],
+                "latent_image": ["5", 0],
+                "denoise": 1.0,
+            },
+        },
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": prefix}},
+    }

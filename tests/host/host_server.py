@@ -29,7 +29,20 @@ import torch
 from safetensors.torch import load_file
 
 from .comfy_helpers import load, sample, write_checkpoint
-from .comfy_server import HOST, LOOPER, PACK_DIR, TEST_NODES_DIR, ServerError, running_server
+from .comfy_server import (
+    CFG,
+    FRAMES,
+    HOST,
+    LOOPER,
+    PACK_DIR,
+    SEED,
+    SIZE,
+    STEPS,
+    TEST_NODES_DIR,
+    ServerError,
+    running_server,
+    sample_and_save,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKOUT = Path(os.environ["WAN22_COMFYUI"]).resolve()
@@ -165,8 +178,6 @@ def test_server_lists_old_id_as_deprecated_alias(server, object_info):
 
 # --- (b) a prompt through the server --------------------------------------------------------------
 
-SEED, STEPS, CFG, FRAMES, SIZE = 0, 2, 2.0, 5, 64  # 5 frames -> 2 latent frames; 64 px -> 8x8 latent
-
 
 def blockswap_prompt() -> dict:
     return {
@@ -185,32 +196,7 @@ def blockswap_prompt() -> dict:
                 "block_swap_debug": True,
             },
         },
-        # Seeds SEED + 1 and SEED + 2: the same conditioning comfy_helpers.sample() uses.
-        "3": {"class_type": "Wan22TestRandomConditioning", "inputs": {"seed": SEED + 1, "tokens": 8}},
-        "4": {"class_type": "Wan22TestRandomConditioning", "inputs": {"seed": SEED + 2, "tokens": 8}},
-        "5": {
-            "class_type": "EmptyHunyuanLatentVideo",
-            "inputs": {"width": SIZE, "height": SIZE, "length": FRAMES, "batch_size": 1},
-        },
-        "6": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["2", 0],
-                "seed": SEED,
-                "steps": STEPS,
-                "cfg": CFG,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["3", 0],
-                "negative": ["4", 0],
-                "latent_image": ["5", 0],
-                "denoise": 1.0,
-            },
-        },
-        "7": {
-            "class_type": "SaveLatent",
-            "inputs": {"samples": ["6", 0], "filename_prefix": "wan22_server/t2v"},
-        },
+        **sample_and_save(["2", 0], "wan22_server/t2v"),
     }
 
 
