@@ -805,7 +805,9 @@ class BlockSwapEngine:
             )
         if self.host.staging is not None and isinstance(transport, CudaStreamTransport):
             # Last: the reader thread starts reading now, and nothing after it can fail before `_run` is set.
-            run.staging = StagingReader(self.host.staging, self.order, self.host.copies_into, self._streams.Event)
+            run.staging = StagingReader(
+                self.host.staging, self.order, self.host.copies_into, self._streams.Event
+            )
         return run
 
     def _copy_stream_for_runs(self):

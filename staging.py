@@ -191,7 +191,7 @@ class StagingReader:
             with self._cond:
                 if entry.valid:
                     entry.state = _STAGED
-                else:  # the run moved on while it was read: free again, and nothing to wait for
+                elif entry.state == _STAGING:  # the run moved on while it was read: free, nothing pending
                     entry.state = _FREE
                     self._free.appendleft(k)
                 self._cond.notify_all()

@@ -228,11 +228,14 @@ def test_a_read_that_fails_surfaces_in_the_run_naming_the_unit(cuda_model, tmp_p
 
     monkeypatch.setattr(engine.host, "copies_into", unreadable)
     with torch.no_grad(), model:
-        with pytest.raises(
-            RuntimeError,
-            match=r"\[BlockSwap\] Reading blocks\.3 from its file into a staging buffer failed "
-            r"\(OSError: \[Errno 5\] Input/output error\)",
-        ) as failure, engine.attached():
+        with (
+            pytest.raises(
+                RuntimeError,
+                match=r"\[BlockSwap\] Reading blocks\.3 from its file into a staging buffer failed "
+                r"\(OSError: \[Errno 5\] Input/output error\)",
+            ) as failure,
+            engine.attached(),
+        ):
             run_chain(units, range(5), x)
         assert isinstance(failure.value.__cause__, OSError)
         assert readers() == [] and not engine.is_attached
@@ -292,5 +295,6 @@ def test_the_ring_takes_its_pinned_share_first_and_falls_back_to_pageable(tmp_pa
     assert not small.host.staging.pinned and registered == {}
     assert "for the staging ring" in caplog.text and "pageable RAM" in caplog.text
     summary = small.host.tier_summary(small.order)
-    assert (summary["staging_buffers"], summary["staging_bytes"], summary["staging_pinned"]) == (2, 2 * size, False)
+    ring = (summary["staging_buffers"], summary["staging_bytes"], summary["staging_pinned"])
+    assert ring == (2, 2 * size, False)
     small.release()
