@@ -12,7 +12,8 @@ Life cycle
 Host slabs (one contiguous buffer per swapped unit) are built on the first attach and live as long as
 the engine, so repeated runs never re-copy weights into RAM. Between runs a swapped unit's tensors
 are views into its slab; while it runs they are views into a device slot. Weights are only ever
-copied host -> device.
+copied host -> device. A unit left in its file (host_memory.py) has no slab: on a GPU a reader thread stages
+it into a small ring of host buffers ahead of its copy (staging.py).
 """
 
 from __future__ import annotations
@@ -332,12 +333,12 @@ class _Run:
     slot is reused if it already holds the unit, else reloaded.
     """
 
-    def __init__(self, slots: list[torch.Tensor], transport, num_units: int, staging: StagingReader | None):
+    def __init__(self, slots: list[torch.Tensor], transport, num_units: int):
         self.slots = slots
         self.transport = transport
         # The reader that stages units left in their files ahead of their copies (None: they are copied
         # straight from the file, as on a CPU compute device where a copy is synchronous anyway).
-        self.staging = staging
+        self.staging: StagingReader | None = None
         self.loaded = [-1] * len(slots)  # position (in execution order) of the unit each slot holds
         self.fresh = [False] * len(slots)  # filled by a copy, not yet seen by the unit-loaded callback
         self.next_seq = 0
@@ -745,11 +746,11 @@ class BlockSwapEngine:
         if run is not None:
             for handle in run.hooks:
                 handle.remove()
-            run.transport.finish()
-            stats = run.transport.stats()
             if run.staging is not None:
                 run.staging.stop()
                 self.counters.staging_waits += run.staging.waits
+            run.transport.finish()
+            stats = run.transport.stats()
         # Every swapped tensor views its slab again (a unit interrupted mid-forward is still bound to a
         # slot); then the placement puts tensors whose home is elsewhere back there.
         for unit in self.order:
@@ -797,7 +798,7 @@ class BlockSwapEngine:
             )
         else:
             transport = SyncTransport()
-        run = _Run(slots, transport, len(self.order), None)
+        run = _Run(slots, transport, len(self.order))
         for position, unit in enumerate(self.order):
             run.hooks.append(unit.module.register_forward_pre_hook(self._make_pre_hook(position)))
             run.hooks.append(
@@ -928,6 +929,8 @@ class BlockSwapEngine:
             f"{format_bytes(c.bytes_copied)} moved ({format_bytes(c.bytes_copied // max(c.passes, 1))}/pass)",
             f"{c.misses} on-demand",
         ]
+        if c.staged_units:
+            parts.append(f"{c.staged_units} from the staging ring ({c.staging_waits} waited for its reader)")
         if stats is not None and stats.copy_ms:
             parts.append(f"copy {stats.copy_gbps(c.bytes_copied):.1f} GB/s")
             parts.append(f"stall {stats.stall_ms:.1f} ms ({stats.stall_ms / max(c.passes, 1):.2f} ms/pass)")

@@ -245,6 +245,31 @@ def test_a_read_that_fails_surfaces_in_the_run_naming_the_unit(cuda_model, tmp_p
     assert model.races == []
 
 
+def test_a_read_that_fails_ahead_of_a_unit_the_run_never_needs_is_logged(
+    cuda_model, tmp_path, monkeypatch, caplog
+):
+    units, _mapped = file_chain(tmp_path / "w.bin")
+    model = cuda_model("late", "late")
+    engine = file_engine(units, model, 0)
+    engine.park()
+    copies_into = engine.host.copies_into
+
+    def unreadable(unit, buffer):
+        if unit.name == "blocks.2":
+            raise OSError(5, "Input/output error")
+        return copies_into(unit, buffer)
+
+    monkeypatch.setattr(engine.host, "copies_into", unreadable)
+    with torch.no_grad(), model, engine.attached():
+        run_chain(units, [0], torch.randn(3, 16))  # the reader stages ahead: blocks.1, then blocks.2
+        reader = engine._run.staging
+        deadline = time.monotonic() + 10
+        while reader._error is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert "Reading blocks.2 from its file into a staging buffer failed (OSError" in caplog.text
+    assert readers() == []
+
+
 @pytest.mark.parametrize("end", ["release", "forget_slabs", "set_swapped", "garbage_collected"])
 def test_the_ring_is_unpinned_only_after_the_copies_reading_it(cuda_model, tmp_path, monkeypatch, end):
     model = cuda_model("late", "late")
