@@ -748,7 +748,6 @@ class BlockSwapEngine:
                 handle.remove()
             if run.staging is not None:
                 run.staging.stop()
-                self.counters.staging_waits += run.staging.waits
             run.transport.finish()
             stats = run.transport.stats()
         # Every swapped tensor views its slab again (a unit interrupted mid-forward is still bound to a
@@ -906,11 +905,12 @@ class BlockSwapEngine:
         unit = self.order[position]
         if unit.in_file and run.staging is not None:
             # One copy from the staging buffer the reader filled (it waits here if the reader is behind).
-            staged = run.staging.take(position)
+            staged, waited = run.staging.take(position)
             run.transport.start_copy(slot, run.slots[slot][: unit.nbytes], staged[: unit.nbytes])
             run.staging.issued(run.transport.record_copies)
             self.counters.staged_units += 1
             self.counters.staged_bytes += unit.nbytes
+            self.counters.staging_waits += waited
         else:
             for dst, src in self.host.copies_into(unit, run.slots[slot]):
                 run.transport.start_copy(slot, dst, src)

@@ -111,16 +111,16 @@ class StagingReader:
         self._error: BaseException | None = None
         self._error_unit = ""
         self._error_raised = False
-        self.waits = 0  # takes that found their unit not staged yet (the reader was not ahead)
         self._taken = -1  # the buffer `take` returned last
         self._thread = threading.Thread(target=self._read, name="BlockSwap staging reader", daemon=True)
         self._thread.start()
 
     # -- the run's thread ------------------------------------------------------------------------------------
 
-    def take(self, position: int) -> torch.Tensor:
-        """The staging buffer holding unit `position`, once the reader has staged it. Its bytes must be copied
-        before the next call, and `issued` called right after the copy."""
+    def take(self, position: int) -> tuple[torch.Tensor, bool]:
+        """(the staging buffer holding unit `position`, whether the reader had not staged it yet), once the
+        reader has staged it. Its bytes must be copied before the next call, and `issued` called right after
+        the copy."""
         with self._cond:
             k = self._find(position)
             if k is None:
@@ -137,14 +137,13 @@ class StagingReader:
                 self._raise_reader_error()  # it will stage nothing more
                 waited = True
                 self._cond.wait()
-            self.waits += waited
             taken = self._entries[k]
             for i, entry in enumerate(self._entries):  # staged before this one: units the run skipped
                 if entry.valid and entry.seq < taken.seq:
                     self._invalidate(i)
             taken.state, taken.valid = _ISSUING, False
             self._taken = k
-            return self.ring.buffers[k]
+            return self.ring.buffers[k], waited
 
     def issued(self, record: Callable[[object], None]) -> None:
         """The copy from the buffer `take` returned is issued: record(event) marks its completion on the copy
