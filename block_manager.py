@@ -12,7 +12,8 @@ Life cycle
 Host slabs (one contiguous buffer per swapped unit) are built on the first attach and live as long as
 the engine, so repeated runs never re-copy weights into RAM. Between runs a swapped unit's tensors
 are views into its slab; while it runs they are views into a device slot. Weights are only ever
-copied host -> device.
+copied host -> device. A unit left in its file (host_memory.py) has no slab: on a GPU a reader thread stages
+it into a small ring of host buffers ahead of its copy (staging.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .host_memory import (  # noqa: F401  (re-exported: the engine's public name
     default_pinned_budget,
     pinned_bytes_in_use,
 )
+from .staging import StagingReader
 from .tensor_layout import (  # noqa: F401  (re-exported, as above)
     TENSOR_ALIGNMENT,
     ByteRange,
@@ -77,6 +79,9 @@ class SwapCounters:
     slab_bytes_built: int = 0
     slab_tensors_from_sources: int = 0  # tensors copied into a slab straight from a given source (a file)
     slab_bytes_from_sources: int = 0  # bytes read from those sources (the source's dtype)
+    staged_units: int = 0  # copies of units left in their files made from a staging buffer
+    staged_bytes: int = 0
+    staging_waits: int = 0  # of those, copies that waited for the reader (it was not ahead of them)
 
     def reset(self) -> None:
         """Zero the per-run counters (slab builds count over the plan's life and stay)."""
@@ -118,6 +123,10 @@ class SyncTransport:
         Copies into one slot land in the order they were issued (one copy stream); copies into different
         slots may land in any order."""
         dst.copy_(src)
+
+    def record_copies(self, event) -> None:
+        """Record `event` where it completes once every copy issued so far has read its source (the host
+        waits on it before it overwrites a staging buffer). Here the copies are done already."""
 
     def wait_copied(self, slot: int) -> None:
         """Make the compute that follows wait until the latest copy into `slot` has landed."""
@@ -181,6 +190,9 @@ class CudaStreamTransport:
                 end.record(stream)
                 self._copy_events.append((start, end))
         self.ready[slot].record(stream)
+
+    def record_copies(self, event) -> None:
+        event.record(self.copy_stream)
 
     def wait_copied(self, slot: int) -> None:
         compute = self.cuda.current_stream(self.device)
@@ -324,6 +336,9 @@ class _Run:
     def __init__(self, slots: list[torch.Tensor], transport, num_units: int):
         self.slots = slots
         self.transport = transport
+        # The reader that stages units left in their files ahead of their copies (None: they are copied
+        # straight from the file, as on a CPU compute device where a copy is synchronous anyway).
+        self.staging: StagingReader | None = None
         self.loaded = [-1] * len(slots)  # position (in execution order) of the unit each slot holds
         self.fresh = [False] * len(slots)  # filled by a copy, not yet seen by the unit-loaded callback
         self.next_seq = 0
@@ -731,6 +746,8 @@ class BlockSwapEngine:
         if run is not None:
             for handle in run.hooks:
                 handle.remove()
+            if run.staging is not None:
+                run.staging.stop()
             run.transport.finish()
             stats = run.transport.stats()
         # Every swapped tensor views its slab again (a unit interrupted mid-forward is still bound to a
@@ -747,7 +764,15 @@ class BlockSwapEngine:
         """Every swapped unit in its host slab (see `HostSlabs.ensure`)."""
         pin = self.use_non_blocking and self._streams is not None and self.offload_device.type == "cpu"
         self._claim_pinned_share()
-        self.host.ensure(self.order, pin, sources)
+        self.host.ensure(self.order, pin, sources, self._staging_buffers())
+
+    def _staging_buffers(self) -> int:
+        """Staging buffers for the units left in their files: where copies are asynchronous (a stream API),
+        one per copy in flight plus one the reader fills ahead, at least two. On a CPU compute device the slot
+        is host memory and a copy is the read itself: no staging."""
+        if self._streams is None or self.transport_factory is not None:
+            return 0
+        return max(2, self.prefetch_blocks + 1)
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -777,6 +802,11 @@ class BlockSwapEngine:
             run.hooks.append(unit.module.register_forward_pre_hook(self._make_pre_hook(position)))
             run.hooks.append(
                 unit.module.register_forward_hook(self._make_post_hook(position), always_call=True)
+            )
+        if self.host.staging is not None and isinstance(transport, CudaStreamTransport):
+            # Last: the reader thread starts reading now, and nothing after it can fail before `_run` is set.
+            run.staging = StagingReader(
+                self.host.staging, self.order, self.host.copies_into, self._streams.Event
             )
         return run
 
@@ -873,8 +903,17 @@ class BlockSwapEngine:
 
     def _copy(self, run: _Run, position: int, slot: int) -> None:
         unit = self.order[position]
-        for dst, src in self.host.copies_into(unit, run.slots[slot]):
-            run.transport.start_copy(slot, dst, src)
+        if unit.in_file and run.staging is not None:
+            # One copy from the staging buffer the reader filled (it waits here if the reader is behind).
+            staged, waited = run.staging.take(position)
+            run.transport.start_copy(slot, run.slots[slot][: unit.nbytes], staged[: unit.nbytes])
+            run.staging.issued(run.transport.record_copies)
+            self.counters.staged_units += 1
+            self.counters.staged_bytes += unit.nbytes
+            self.counters.staging_waits += waited
+        else:
+            for dst, src in self.host.copies_into(unit, run.slots[slot]):
+                run.transport.start_copy(slot, dst, src)
         run.loaded[slot] = position
         run.fresh[slot] = True
         self.counters.copies += 1
@@ -890,6 +929,8 @@ class BlockSwapEngine:
             f"{format_bytes(c.bytes_copied)} moved ({format_bytes(c.bytes_copied // max(c.passes, 1))}/pass)",
             f"{c.misses} on-demand",
         ]
+        if c.staged_units:
+            parts.append(f"{c.staged_units} from the staging ring ({c.staging_waits} waited for its reader)")
         if stats is not None and stats.copy_ms:
             parts.append(f"copy {stats.copy_gbps(c.bytes_copied):.1f} GB/s")
             parts.append(f"stall {stats.stall_ms:.1f} ms ({stats.stall_ms / max(c.passes, 1):.2f} ms/pass)")

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .config import HOST_MEMORY_CHOICES
+from .staging import StagingRing
 from .tensor_layout import (
     SwapUnit,
     _check_views_alias,
@@ -357,8 +358,8 @@ class HostSlabs:
         progress bar; `done` counts the units in their order).
     remember_home: fn(unit, device) before a unit's tensors move into a new slab (where they were).
     tier: "auto", "ram" or "file" (see `choose_file_tier`).
-    copy_streams: the engine's copy streams (a list it fills later): copies on them read the pinned slabs, so
-        the finalizer waits for them before unpinning.
+    copy_streams: the engine's copy streams (a list it fills later): copies on them read the pinned slabs and
+        staging buffers, so the finalizer waits for them before unpinning.
     """
 
     def __init__(
@@ -379,11 +380,13 @@ class HostSlabs:
         self.counters = counters
         self.on_slab_built = on_slab_built
         self.remember_home = remember_home
-        # The slabs this tier has page-locked. The finalizer holds this very list: every change is in place.
+        # The slabs (and staging buffers) this tier has page-locked. The finalizer holds this very list:
+        # every change is in place.
         self.pinned: list[torch.Tensor] = []
-        self._finalizer = weakref.finalize(
-            self, _release_after_copies, self.pinned, copy_streams if copy_streams is not None else []
-        )
+        self.copy_streams = copy_streams if copy_streams is not None else []
+        # The buffers units left in their files are staged in on their way to a slot (see staging.py).
+        self.staging: StagingRing | None = None
+        self._finalizer = weakref.finalize(self, _release_after_copies, self.pinned, self.copy_streams)
 
     # -- the pinned budget ---------------------------------------------------------------------
 
@@ -409,17 +412,25 @@ class HostSlabs:
         """Whether `nbytes` more fit both the process-wide budget and this tier's share of it."""
         return nbytes <= min(budget - _PINNED.bytes, _PINNED.share(self, budget) - pinned_now)
 
-    @staticmethod
-    def pinned_bytes(units: list[SwapUnit]) -> int:
-        return sum(u.slab.numel() for u in units if u.slab is not None and u.slab_pinned)
+    def pinned_bytes(self, units: list[SwapUnit]) -> int:
+        """Bytes this tier holds page-locked: the units' pinned slabs and a pinned staging ring."""
+        ring = self.staging.nbytes if self.staging is not None and self.staging.pinned else 0
+        return ring + sum(u.slab.numel() for u in units if u.slab is not None and u.slab_pinned)
 
     # -- slabs ---------------------------------------------------------------------------------
 
     def ensure(
-        self, units: list[SwapUnit], pin: bool, sources: Mapping[int, torch.Tensor] | None = None
+        self,
+        units: list[SwapUnit],
+        pin: bool,
+        sources: Mapping[int, torch.Tensor] | None = None,
+        staging_buffers: int = 0,
     ) -> None:
         """Every unit in its slab: built on first use, refreshed where a tensor was re-pointed since (a host
-        that replaced a weight); untouched units cost nothing. pin: page-lock within the budget."""
+        that replaced a weight); untouched units cost nothing. pin: page-lock within the budget.
+
+        staging_buffers: how many staging buffers the units left in their files need (0: none, their copies
+        read the files directly); the ring is made before any slab is pinned: it serves every such unit."""
         sources = sources or {}
         for unit in units:
             if unit.in_file:
@@ -430,15 +441,26 @@ class HostSlabs:
                 self._refresh_slab(unit)
         if pin:
             self._pin_adopted_slabs(units)
-        to_build = [u for u in units if u.slab is None and not u.in_file]
-        if not to_build:
-            return
+        every = [u for u in units if u.slab is None and not u.in_file]
         started = time.perf_counter()
-        every = to_build
-        to_build = self._leave_in_files(to_build, sources)
-        in_files = [u for u in every if u.in_file]
+        to_build = self._leave_in_files(every, sources) if every else []
         if to_build:
             self.check_ram_for(to_build, sources)
+        self._ensure_staging(units, staging_buffers, pin)
+        if every:
+            self._build_slabs(units, every, pin, sources, started)
+
+    def _build_slabs(
+        self,
+        units: list[SwapUnit],
+        every: list[SwapUnit],
+        pin: bool,
+        sources: Mapping[int, torch.Tensor],
+        started: float,
+    ) -> None:
+        """A slab for each of `every` that the policy did not leave in its file (those are bound already)."""
+        to_build = [u for u in every if not u.in_file]
+        in_files = [u for u in every if u.in_file]
         budget = self.budget() if pin else 0
         pinned_bytes, warned_pin = 0, False
         for done, unit in enumerate(every, 1):
@@ -473,6 +495,62 @@ class HostSlabs:
             format_bytes(sum(_file_bytes(u) for u in in_files)),
             self.tier,
         )
+
+    # -- the staging ring ----------------------------------------------------------------------
+
+    def _ensure_staging(self, units: list[SwapUnit], count: int, pin: bool) -> None:
+        """`count` staging buffers (at most one per unit in its file), each the size of the largest such unit:
+        kept while they fit, else replaced (after the copies that read them) or dropped."""
+        in_file = [u for u in units if u.in_file]
+        count = min(count, len(in_file))
+        size = max((u.nbytes for u in in_file), default=0)
+        ring = self.staging
+        if ring is not None and ring.count == count and ring.size >= size:
+            return
+        if ring is not None:
+            self._drop_staging(wait=True)
+        if count == 0 or size == 0:
+            return
+        buffers = [torch.empty(size, dtype=torch.uint8, device=self.offload_device) for _ in range(count)]
+        budget = self.budget() if pin else 0
+        pinned = pin and self.may_pin(count * size, budget, self.pinned_bytes(units))
+        if pinned:
+            done = list(itertools.takewhile(_pin_in_place, buffers))
+            pinned = len(done) == count
+            if pinned:
+                self.pinned.extend(buffers)
+            else:  # all or none: a ring half pinned would copy at two speeds
+                for buffer in done:
+                    _unpin(buffer)
+        self.staging = StagingRing(buffers, pinned)
+        log.info(
+            "[BlockSwap] %d staging buffers of %s %s (%s) for the %d swapped units read from their files",
+            count,
+            format_bytes(size),
+            "pinned" if pinned else "pageable",
+            format_bytes(count * size),
+            len(in_file),
+        )
+        if pin and not pinned:
+            log.warning(
+                "[BlockSwap] Pinned-memory budget (%s for this model of %s for all) reached or pinning failed "
+                "for the staging ring: units read from their files are copied from pageable RAM, so their "
+                "copies cannot overlap compute",
+                format_bytes(max(self.share(budget), 0)),
+                format_bytes(budget),
+            )
+
+    def _drop_staging(self, wait: bool) -> None:
+        """Give up the staging ring; wait: for the copy streams first (copies may still read it)."""
+        ring, self.staging = self.staging, None
+        if ring is None or not ring.pinned:
+            return
+        if wait:
+            for stream in self.copy_streams:
+                stream.synchronize()
+        for buffer in ring.buffers:
+            _remove_identical(self.pinned, buffer)
+            _unpin(buffer)
 
     def _leave_in_files(self, units: list[SwapUnit], sources: Mapping[int, torch.Tensor]) -> list[SwapUnit]:
         """Put the units the policy leaves in their files there (bound to the file views, no copy); return
@@ -547,6 +625,9 @@ class HostSlabs:
             "file_units": len(in_file),
             "file_bytes": sum(_file_bytes(u) for u in in_file),
             "file_units_rest_bytes": sum(u.slab.numel() for u in in_file if u.slab is not None),
+            "staging_buffers": self.staging.count if self.staging is not None else 0,
+            "staging_bytes": self.staging.nbytes if self.staging is not None else 0,
+            "staging_pinned": bool(self.staging is not None and self.staging.pinned),
         }
 
     def drop(self, unit: SwapUnit) -> None:
@@ -573,8 +654,10 @@ class HostSlabs:
         donor.slab, donor.slab_views, donor.layout, donor.nbytes = None, [], [], 0
 
     def release(self, units: list[SwapUnit]) -> None:
-        """Unpin every slab; they stay valid as pageable memory."""
+        """Unpin every slab; they stay valid as pageable memory. The staging ring is given up (the next
+        attach makes a new one). The caller has waited for the copies that read them."""
         _release_slabs(self.pinned)
+        self.staging = None
         for unit in units:
             unit.slab_pinned = False
 

@@ -481,6 +481,10 @@ def run_config(
         "resident_weights_mb": utils.mib(engine.resident_bytes()),
         "swapped_weights_mb": utils.mib(engine.swapped_bytes()),
         "on_demand_copies_per_step": counters.misses / steps,
+        # Blocks left in their file, copied through the staging ring (GPU only), and how many of those
+        # copies waited for the ring's reader.
+        "staged_copies_per_step": counters.staged_units / steps,
+        "staging_waits_per_step": counters.staging_waits / steps,
         "memory": {
             **{f"steady_{k}": v for k, v in steady.items() if "peak" not in k},
             **{k: v for k, v in after.items() if "peak" in k},

@@ -318,7 +318,8 @@ def test_progress_counts_units_left_in_files_and_a_callback_set_later(mapped_mod
 
 
 def test_on_a_gpu_only_ram_slabs_are_pinned_and_file_units_stay_unpinned(mapped_model, monkeypatch):
-    """FakeCudart: with use_non_blocking a plan pins its RAM slabs; units left in the file pin nothing."""
+    """FakeCudart: with use_non_blocking a plan pins its RAM slabs and a staging ring for the units left in
+    their file; those units pin nothing of their own (their small slabs stay pageable)."""
     registered = {}
 
     class Runtime:
@@ -346,6 +347,11 @@ def test_on_a_gpu_only_ram_slabs_are_pinned_and_file_units_stay_unpinned(mapped_
     units = engine.swapped_units
     assert [u.in_file for u in units] == [False, True, True, True]
     assert all(u.slab is not None for u in units[1:])
-    assert list(registered.values()) == [units[0].nbytes] and engine.pinned_bytes() == units[0].nbytes
+    # Pinned: the RAM slab and the staging ring (two buffers of the largest file unit); no small slab.
+    ring = engine.host.staging
+    assert ring.pinned and ring.count == 2 and ring.size == max(u.nbytes for u in units[1:])
+    assert sorted(registered.values()) == sorted([units[0].nbytes, ring.size, ring.size])
+    assert set(registered) == {units[0].slab.data_ptr(), *(b.data_ptr() for b in ring.buffers)}
+    assert engine.pinned_bytes() == units[0].nbytes + ring.nbytes
     engine.release()
-    assert registered == {}
+    assert registered == {} and engine.host.staging is None

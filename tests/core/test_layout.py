@@ -13,6 +13,7 @@ COMFYUI_FREE = (
     "utils",
     "block_manager",
     "host_memory",
+    "staging",
     "tensor_layout",
     "wan.detect",
     "wan.units",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -244,7 +246,40 @@ def test_cuda_file_tier_copies_from_the_mapped_file_bit_identically(model, tmp_p
             assert torch.equal(model(**inputs), reference)
     blocks = [u for u in engine.swapped_units if u.name.startswith("blocks.")]
     assert blocks and all(u.in_file for u in blocks)
-    assert engine.pinned_bytes() == sum(u.nbytes for u in engine.swapped_units if not u.in_file)
+    # Pinned: the RAM slabs (units that are not the file's) and the staging ring the file units go through.
+    ring = engine.host.staging
+    assert ring.pinned and ring.count == 2 and ring.size == max(u.nbytes for u in blocks)
+    assert engine.pinned_bytes() == ring.nbytes + sum(u.nbytes for u in engine.swapped_units if not u.in_file)
+    c = engine.counters
+    assert c.staged_units >= 2 * len(blocks) and c.staged_bytes >= 2 * sum(u.nbytes for u in blocks)
+    copy_stream = engine._copy_streams[0]
+    engine.release()
+    assert copy_stream.query() and engine.pinned_bytes() == 0 and engine.host.staging is None
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_cuda_file_tier_copies_from_the_staging_ring_overlap_compute(model, tmp_path, prefetch):
+    """Compute-heavy blocks left in their file: the reader stages each block ahead of its copy and the pinned
+    staged copy hides behind compute, as a pinned slab's does; exact, also back to back without a host sync."""
+    from wan22_blockswap.bench.file_backed import FileBackedBlocks
+
+    inputs = sm.example_inputs(model, tokens=32760, vace_contexts=1)
+    reference = reference_output(model, inputs)
+    files = FileBackedBlocks(model, tmp_path / "blocks.bin")
+    files.bind()
+    engine = engine_for(model, 8, prefetch, True, host_memory="file", debug=True)
+    outputs = []
+    with torch.inference_mode():
+        for _ in range(3):
+            with engine.attached():
+                outputs.append(model(**inputs))
+    torch.cuda.synchronize()
+    assert all(torch.equal(out, reference) for out in outputs)
+    stats, c = engine.last_run, engine.counters
+    assert engine.host.staging.pinned and engine.host.staging.count == prefetch + 1
+    assert c.staged_units > 0 and stats.stall_ms < stats.compute_ms, (stats.stall_ms, stats.compute_ms)
+    assert not [t for t in threading.enumerate() if t.name == "BlockSwap staging reader"]
+    engine.release()
 
 
 # -- the stream protocol under real timing (issue 20: items 4, 5, 9, 10) ------------------------------------

@@ -31,12 +31,20 @@ What it models:
   must be ordered after it, and the compute stream must be ordered after what other streams still do to it.
 - Host accesses (`check_host_access`, e.g. unpinning a slab): every stream op on that memory must be
   known complete to the host (a synchronize that covered it).
+- Host writes (`host_write`, a reader thread filling a staging buffer): the same, and the write is an op of
+  a "host" pseudo-stream, so a later stream op on that memory must be issued after the write finished (a
+  copy issued before the buffer was filled is a race too).
+- Threads: the model is locked (one lock for every call into it); tensor ops on a thread other than the one
+  that entered the model are not intercepted (dispatch modes are per thread), which is why host writes go
+  through `host_write`. Waits and synchronizes from any thread are the host's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
+import threading
 import weakref
 
 import torch
@@ -56,6 +64,18 @@ _NO_DATA = {
     aten.lift_fresh.default,
     aten.detach.default,
 }
+
+
+def _locked(method):
+    """Run the method under the model's lock (a reader thread synchronizes events while the run's thread
+    issues work)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with getattr(self, "model", self).lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class _Op:
@@ -83,6 +103,7 @@ class FakeStream:
 
     # -- torch.cuda.Stream API ---------------------------------------------------------------------------
 
+    @_locked
     def wait_event(self, event: FakeEvent) -> None:
         self.model.log.append(("wait_event", self.name, event.stream.name if event.stream else None))
         if event.stream is None:
@@ -95,20 +116,24 @@ class FakeStream:
         _merge(self.clock, event.clock)
         self.model._pump()
 
+    @_locked
     def wait_stream(self, other: FakeStream) -> None:
         self.model.log.append(("wait_stream", self.name, other.name))
         event = FakeEvent(self.model)
         event._record(other)
         self.wait_event(event)
 
+    @_locked
     def record_event(self, event: FakeEvent | None = None) -> FakeEvent:
         event = event or FakeEvent(self.model)
         event.record(self)
         return event
 
+    @_locked
     def query(self) -> bool:
         return self.done >= self.pos
 
+    @_locked
     def synchronize(self) -> None:
         self.model.log.append(("synchronize", self.name))
         self.run_to(self.pos)
@@ -174,23 +199,28 @@ class FakeEvent:
         pos = stream._append(_Op("record", "record"))
         self.stream, self.pos, self.clock = stream, pos, dict(stream.clock)
 
+    @_locked
     def record(self, stream: FakeStream | None = None) -> None:
         stream = stream or self.model.current
         self.model.log.append(("record", stream.name))
         self._record(stream)
         self.model._pump()
 
+    @_locked
     def wait(self, stream: FakeStream | None = None) -> None:
         (stream or self.model.current).wait_event(self)
 
+    @_locked
     def query(self) -> bool:
         return self.stream is None or self.stream.done >= self.pos
 
+    @_locked
     def synchronize(self) -> None:
         if self.stream is not None:
             self.stream.run_to(self.pos)
             self.model._host_saw(self.stream, self.pos, self.clock)
 
+    @_locked
     def elapsed_time(self, end: FakeEvent) -> float:
         if not (self.enable_timing and end.enable_timing):
             raise RuntimeError("elapsed_time needs two events made with enable_timing=True")
@@ -234,6 +264,9 @@ class StreamModel:
         self.races: list[str] = []
         self.log: list[tuple] = []
         self.capturing = False
+        self.lock = threading.RLock()
+        # The host's writes (host_write) as ops of a stream of their own: never run, never waited for.
+        self.host = FakeStream(self, "host writes", "late")
         self._buffers: dict[int, _BufferState] = {}
         self._pool: dict[int, list[torch.Tensor]] = {}
         self._passing = 0
@@ -241,6 +274,7 @@ class StreamModel:
 
     # -- torch.cuda API ---------------------------------------------------------------------------------
 
+    @_locked
     def Stream(self, device=None, priority: int = 0) -> FakeStream:  # noqa: N802 (torch.cuda's name)
         if self.pool_size is not None:
             pool = self._stream_pool.setdefault(priority, [])
@@ -260,6 +294,7 @@ class StreamModel:
         self.streams.append(stream)
         return stream
 
+    @_locked
     def Event(self, enable_timing: bool = False, **kwargs) -> FakeEvent:  # noqa: N802
         return FakeEvent(self, enable_timing)
 
@@ -277,6 +312,7 @@ class StreamModel:
         finally:
             self.current = previous
 
+    @_locked
     def synchronize(self, device=None) -> None:
         self.log.append(("synchronize", "all"))
         for stream in self.streams:
@@ -299,6 +335,7 @@ class StreamModel:
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
 
+    @_locked
     def allocate(self, nbytes: int, device=None) -> torch.Tensor:
         """Slot memory from a caching allocator: the buffer a previous run freed, if any."""
         free = self._pool.setdefault(nbytes, [])
@@ -315,6 +352,7 @@ class StreamModel:
         self._pump()
         return handed_out
 
+    @_locked
     def check_host_access(self, data_ptr: int, what: str) -> None:
         """The host touches memory at data_ptr now (unpinning it, writing it): every stream op on it must be
         known complete to the host."""
@@ -328,6 +366,17 @@ class StreamModel:
                     f"{self.host_clock.get(stream, 0)} done)"
                 )
 
+    @_locked
+    def host_write(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """The host writes dst (from src) now, on any thread: every stream op on dst's memory must be known
+        complete to the host, and stream ops issued later are ordered after this write."""
+        stream = self.host
+        self._check(stream, [], [dst], f"write {dst.untyped_storage().data_ptr():#x} on the host", track=True)
+        with self._passthrough():
+            dst.copy_(src)
+        self._host_saw(stream, stream.pos, stream.clock)
+
+    @_locked
     def pending(self, stream: FakeStream) -> int:
         return stream.pos - stream.done
 
@@ -432,12 +481,13 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         model = self.model
-        if model._passing or func in _NO_DATA or func.is_view:
-            return func(*args, **kwargs)
-        reads, writes = _accesses(func, args, kwargs)
-        if model.current is model.default:
-            return model._issue_eager(func, args, kwargs, reads, writes)
-        return model._issue_deferred(model.current, func, args, kwargs, reads, writes)
+        with model.lock:
+            if model._passing or func in _NO_DATA or func.is_view:
+                return func(*args, **kwargs)
+            reads, writes = _accesses(func, args, kwargs)
+            if model.current is model.default:
+                return model._issue_eager(func, args, kwargs, reads, writes)
+            return model._issue_deferred(model.current, func, args, kwargs, reads, writes)
 
 
 def _accesses(func, args, kwargs):

@@ -3,7 +3,8 @@ kills it, page cache is evicted and read again. The child (benchmarks/host_ram_t
 imports this ComfyUI once and reports; this test makes the files and the cgroup and checks the figures.
 
 - WAN-shaped GGUF through ComfyUI-GGUF's loader and through ours, every block swapped, host_memory=file:
-  the anonymous RSS BlockSwap adds is at most 5 % of the swapped bytes (no staging ring on CPU), outputs
+  the anonymous RSS BlockSwap adds is at most the staging ring plus 5 % of the swapped bytes (the ring is
+  made only where copies are asynchronous, a CUDA device: none on CPU, which the report shows), outputs
   equal the unswapped model's bit for bit, also after the file's page cache was dropped;
 - a high/low pair (two such files) taking turns, host_memory=auto, under a cap of the process's anonymous
   RSS plus half the pair's swapped bytes (slabs for both would not fit): completes, outputs equal the
@@ -97,7 +98,8 @@ def test_file_tier_adds_almost_no_anonymous_ram_and_samples_bit_identically(chec
     assert single["file_units"] == 4 and single["pinned_units"] == single["pageable_units"] == 0
     swapped = single["swapped_bytes"]
     assert single["file_bytes"] >= 0.95 * swapped  # the norms ComfyUI copied are all that is not the file's
-    assert single["added_by_blockswap"] <= 0.05 * swapped, single
+    assert single["staging_bytes"] == 0  # CPU compute: a file unit is copied straight into its slot
+    assert single["added_by_blockswap"] <= single["staging_bytes"] + 0.05 * swapped, single
     assert single["equal"] and single["equal_after_drop"]
 
 
