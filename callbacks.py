@@ -386,7 +386,7 @@ def pinned_budget() -> int:
     ComfyUI has pinned itself: both pin against one limit, so the machine keeps the rest."""
     import comfy.model_management as mm
 
-    limit = getattr(mm, "MAX_PINNED_MEMORY", -1)
+    limit = getattr(mm, "MAX_PINNED_MEMORY", None)  # absent before 0.3.69; -1 when pinning is off
     if not isinstance(limit, (int, float)):
         limit = None
     return capped_pinned_budget(limit, getattr(mm, "TOTAL_PINNED_MEMORY", 0), total_ram())

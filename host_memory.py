@@ -112,9 +112,12 @@ def default_pinned_budget() -> int:
 def capped_pinned_budget(host_limit: float | None, host_pinned: int, total: int | None) -> int:
     """What this pack may page-lock beside a host that pins too: the host's own limit where it has one,
     never more than this OS's share of the RAM, less what the host pinned itself (both count against one
-    limit, so the machine keeps at least the rest)."""
+    limit, so the machine keeps at least the rest). host_limit None: the host has no such setting; <= 0: the
+    host turned pinning off (ComfyUI's --disable-pinned-memory), so this pack pins nothing either."""
     cap = int(total * pinned_ram_share()) if total is not None else 0
-    limit = cap if host_limit is None or host_limit <= 0 else min(int(host_limit), cap)
+    if host_limit is not None and host_limit <= 0:
+        return 0
+    limit = cap if host_limit is None else min(int(host_limit), cap)
     return max(limit - int(host_pinned), 0)
 
 
@@ -277,7 +280,9 @@ class FileMapping:
 
 def file_mappings(maps_text: str | None = None) -> list[FileMapping]:
     """The mappings of /proc/self/maps that hold a regular file's own bytes, sorted by address ([] where
-    the OS has no /proc). A private writable mapping is left out: its pages may have been copied."""
+    the OS has no /proc). A private writable mapping is left out: its pages may have been copied. So are
+    files under /dev: device memory (CUDA's pinned host allocations map /dev/nvidia*) and /dev/shm, whose
+    pages are RAM the OS cannot drop and re-read."""
     if maps_text is None:
         try:
             with open("/proc/self/maps") as f:
@@ -287,7 +292,12 @@ def file_mappings(maps_text: str | None = None) -> list[FileMapping]:
     found = []
     for line in maps_text.splitlines():
         parts = line.split(maxsplit=5)
-        if len(parts) < 6 or not parts[5].startswith("/") or parts[5].endswith("(deleted)"):
+        if (
+            len(parts) < 6
+            or not parts[5].startswith("/")
+            or parts[5].endswith("(deleted)")
+            or parts[5].startswith("/dev/")
+        ):
             continue
         span, perms, offset, _dev, inode, path = parts
         if int(inode) == 0 or perms[0] != "r" or (perms[3] == "p" and perms[1] == "w"):

@@ -400,8 +400,9 @@ def _orig_shape(reader: gguf.GGUFReader, name: str) -> torch.Size | None:
 
 def _tensor_from_map(array: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
-        # The map is read-only and torch warns that it cannot express that. Nothing here writes
-        # to these tensors; consumers copy them (host slabs) before anything could.
+        # The map is read-only and torch warns that it cannot express that. Nothing writes to these
+        # tensors: the engine copies them into slabs, slots or staging buffers, or (the file tier) reads them
+        # where they lie; a write would fault, so no code path may write into a file view.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(array)
 

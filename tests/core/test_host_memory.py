@@ -219,16 +219,29 @@ def test_pinned_budget_is_capped_below_the_ram_per_os(monkeypatch):
     assert hm.capped_pinned_budget(None, 0, 64 * gib) == int(64 * gib * 0.40)
 
 
+def test_a_host_that_turned_pinning_off_gets_no_pinned_budget():
+    """ComfyUI 0.8.1+ sets MAX_PINNED_MEMORY = -1 for --disable-pinned-memory (or a device it does not pin
+    for): the pack pins nothing then. A host without the setting (0.3.64) is None: the pack's own cap."""
+    gib = 2**30
+    assert hm.capped_pinned_budget(-1, 0, 64 * gib) == 0
+    assert hm.capped_pinned_budget(0, 0, 64 * gib) == 0
+    assert hm.capped_pinned_budget(None, 0, 64 * gib) > 0
+
+
 MAPS = """\
 7f0000000000-7f0000100000 r--s 00001000 08:01 1234 /models/wan.gguf
 7f0000100000-7f0000200000 rw-p 00000000 08:01 1235 /models/patched.bin
 7f0000200000-7f0000300000 r--p 00002000 08:01 1236 /models/ro.safetensors
 7f0000300000-7f0000400000 rw-p 00000000 00:00 0
 7f0000400000-7f0000500000 r--s 00000000 08:01 1237 /tmp/gone (deleted)
+7f0000500000-7f0000600000 rw-s 00000000 00:05 1238 /dev/nvidia0
+7f0000600000-7f0000700000 r--s 00000000 00:19 1239 /dev/shm/torch_1_2
 """
 
 
 def test_file_mappings_keep_only_bytes_that_are_the_files():
+    # Left out: a private writable mapping, anonymous memory, a deleted file, and device or shared-memory
+    # files (CUDA's pinned host memory maps /dev/nvidia*; /dev/shm is RAM the OS cannot drop and re-read).
     found = hm.file_mappings(MAPS)
     assert [(m.path, m.offset) for m in found] == [
         ("/models/wan.gguf", 0x1000),

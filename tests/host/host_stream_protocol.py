@@ -91,3 +91,21 @@ def test_the_plan_pins_within_comfyuis_budget_less_what_comfyui_pinned(checkpoin
     finally:
         engine.release()
     assert runtime.registered == {} and bm.pinned_bytes_in_use() == 0
+
+
+@pytest.mark.skipif(not hasattr(mm, "MAX_PINNED_MEMORY"), reason="this ComfyUI has no pinned-memory setting")
+def test_the_plan_pins_nothing_when_comfyui_pinning_is_off(checkpoint, monkeypatch):
+    """--disable-pinned-memory leaves ComfyUI's limit at -1: the swapped blocks stay in ordinary RAM too."""
+    runtime = FakeCudart()
+    monkeypatch.setattr(hm, "_cuda_runtime", lambda: runtime)
+    monkeypatch.setattr(hm, "_discard_cuda_error", lambda: None)
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1)
+    base = load(checkpoint)
+    base.load_device = torch.device("cuda", 0)  # pinning is for a GPU; nothing runs here
+    engine = plan(swap(base, blocks_to_swap=4, prefetch_blocks=1, use_non_blocking=True)).engine
+    try:
+        engine.park()
+        assert engine.pinned_bytes() == 0 and runtime.registered == {}
+        assert all(u.slab is not None and not u.slab_pinned for u in engine.swapped_units)
+    finally:
+        engine.release()
