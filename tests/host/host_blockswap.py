@@ -378,7 +378,11 @@ def test_the_pinned_budget_is_comfyuis_limit_less_what_comfyui_pinned(monkeypatc
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 10 * 2**30, raising=False)
     monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 3 * 2**30, raising=False)
     assert callbacks.pinned_budget() == 7 * 2**30
-    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1, raising=False)  # ComfyUI pins nothing itself here
+    # -1: pinning turned off (--disable-pinned-memory): this pack pins nothing either.
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1, raising=False)
+    assert callbacks.pinned_budget() == 0
+    # A ComfyUI without the setting (0.3.64): this pack's own share of the RAM, less what ComfyUI pinned.
+    monkeypatch.delattr(mm, "MAX_PINNED_MEMORY", raising=False)
     from wan22_blockswap.block_manager import default_pinned_budget
 
     assert callbacks.pinned_budget() == default_pinned_budget() - 3 * 2**30
