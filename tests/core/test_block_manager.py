@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.fakes.cudart import FakeCudart
 from wan22_blockswap import block_manager as bm
 from wan22_blockswap import host_memory as hm
 from wan22_blockswap.bench import synthetic_model as sm
@@ -654,25 +655,6 @@ def test_default_pinned_budget_is_the_share_quoted_in_the_tooltip():
 
 
 # -- host memory: pinning failures, the shared pinned budget, RAM before slabs -----------------------
-
-
-class FakeCudart:
-    """What CUDA's runtime would answer, on a machine without one."""
-
-    def __init__(self, register_error=0, unregister_error=0):
-        self.register_error, self.unregister_error = register_error, unregister_error
-        self.registered: dict[int, int] = {}
-        self.flags: list[int] = []
-
-    def cudaHostRegister(self, ptr, size, flags):
-        self.flags.append(flags)
-        if not self.register_error:
-            self.registered[ptr] = size
-        return self.register_error
-
-    def cudaHostUnregister(self, ptr):
-        self.registered.pop(ptr, None)
-        return self.unregister_error
 
 
 @pytest.fixture

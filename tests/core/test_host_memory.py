@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fakes.cudart import FakeCudart
 from wan22_blockswap import block_manager as bm
 from wan22_blockswap import host_memory as hm
 from wan22_blockswap.bench import synthetic_model as sm
@@ -333,18 +334,9 @@ def test_progress_counts_units_left_in_files_and_a_callback_set_later(mapped_mod
 def test_on_a_gpu_only_ram_slabs_are_pinned_and_file_units_stay_unpinned(mapped_model, monkeypatch):
     """FakeCudart: with use_non_blocking a plan pins its RAM slabs and a staging ring for the units left in
     their file; those units pin nothing of their own (their small slabs stay pageable)."""
-    registered = {}
-
-    class Runtime:
-        def cudaHostRegister(self, ptr, size, flags):
-            registered[ptr] = size
-            return 0
-
-        def cudaHostUnregister(self, ptr):
-            registered.pop(ptr, None)
-            return 0
-
-    monkeypatch.setattr(hm, "_cuda_runtime", Runtime)
+    runtime = FakeCudart()
+    registered = runtime.registered
+    monkeypatch.setattr(hm, "_cuda_runtime", lambda: runtime)
     model, _inputs, _reference, _mapped = mapped_model
     for block in model.blocks:  # norms in anonymous RAM: each file unit gets a small slab of its own
         for module in block.modules():

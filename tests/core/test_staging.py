@@ -18,6 +18,7 @@ from torch import nn
 from tests.core.test_host_memory import map_from_file
 from tests.core.test_stream_protocol import OUT_OF_ORDER, TIMINGS, CheckingCudart, run_chain
 from tests.fakes.cuda_streams import StreamModel
+from tests.fakes.cudart import FakeCudart
 from wan22_blockswap import block_manager as bm
 from wan22_blockswap import host_memory as hm
 from wan22_blockswap import staging as st
@@ -300,18 +301,9 @@ def test_the_ring_is_unpinned_only_after_the_copies_reading_it(cuda_model, tmp_p
 
 
 def test_the_ring_takes_its_pinned_share_first_and_falls_back_to_pageable(tmp_path, monkeypatch, caplog):
-    registered = {}
-
-    class Runtime:
-        def cudaHostRegister(self, ptr, size, flags):
-            registered[ptr] = size
-            return 0
-
-        def cudaHostUnregister(self, ptr):
-            registered.pop(ptr)
-            return 0
-
-    monkeypatch.setattr(hm, "_cuda_runtime", Runtime)
+    runtime = FakeCudart()
+    registered = runtime.registered
+    monkeypatch.setattr(hm, "_cuda_runtime", lambda: runtime)
     units, _mapped = file_chain(tmp_path / "w.bin", biases_in_ram=())
     model = StreamModel()
     size = max(bm._layout_size(bm.SwapUnit(n, m, True)) for n, m in units)
