@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tests.core.test_host_memory import map_from_file
-from tests.core.test_stream_protocol import OUT_OF_ORDER, TIMINGS, CheckingCudart, run_chain
+from tests.core.test_stream_protocol import OUT_OF_ORDER, TIMINGS, CheckingCudart, interrupt_before, run_chain
 from tests.fakes.cuda_streams import StreamModel
 from tests.fakes.cudart import FakeCudart
 from wan22_blockswap import block_manager as bm
@@ -197,10 +197,7 @@ def test_a_run_cut_short_by_an_exception_stops_the_reader(cuda_model, tmp_path):
     model = cuda_model("late", "late")
     engine = file_engine(units, model, 2)
 
-    def fail(module, args):
-        raise RuntimeError("interrupted")
-
-    handle = units[2][1].register_forward_pre_hook(fail)
+    handle = interrupt_before(units[2][1])
     with torch.no_grad(), model:
         with pytest.raises(RuntimeError, match="interrupted"), engine.attached():
             run_chain(units, range(5), x)
@@ -212,6 +209,20 @@ def test_a_run_cut_short_by_an_exception_stops_the_reader(cuda_model, tmp_path):
     assert readers() == []
 
 
+def fail_reading(engine, unit_name: str, monkeypatch):
+    """Reading `unit_name` from its file raises an I/O error from now on; returns the real reader, which
+    monkeypatch.setattr(engine.host, "copies_into", ...) puts back."""
+    copies_into = engine.host.copies_into
+
+    def unreadable(unit, buffer):
+        if unit.name == unit_name:
+            raise OSError(5, "Input/output error")
+        return copies_into(unit, buffer)
+
+    monkeypatch.setattr(engine.host, "copies_into", unreadable)
+    return copies_into
+
+
 def test_a_read_that_fails_surfaces_in_the_run_naming_the_unit(cuda_model, tmp_path, monkeypatch):
     units, _mapped = file_chain(tmp_path / "w.bin")
     x = torch.randn(3, 16)
@@ -220,14 +231,7 @@ def test_a_read_that_fails_surfaces_in_the_run_naming_the_unit(cuda_model, tmp_p
     model = cuda_model("late", "late")
     engine = file_engine(units, model, 1)
     engine.park()
-    copies_into = engine.host.copies_into
-
-    def unreadable(unit, buffer):
-        if unit.name == "blocks.3":
-            raise OSError(5, "Input/output error")
-        return copies_into(unit, buffer)
-
-    monkeypatch.setattr(engine.host, "copies_into", unreadable)
+    copies_into = fail_reading(engine, "blocks.3", monkeypatch)
     with torch.no_grad(), model:
         with (
             pytest.raises(
@@ -253,14 +257,7 @@ def test_a_read_that_fails_ahead_of_a_unit_the_run_never_needs_is_logged(
     model = cuda_model("late", "late")
     engine = file_engine(units, model, 0)
     engine.park()
-    copies_into = engine.host.copies_into
-
-    def unreadable(unit, buffer):
-        if unit.name == "blocks.2":
-            raise OSError(5, "Input/output error")
-        return copies_into(unit, buffer)
-
-    monkeypatch.setattr(engine.host, "copies_into", unreadable)
+    fail_reading(engine, "blocks.2", monkeypatch)
     with torch.no_grad(), model, engine.attached():
         run_chain(units, [0], torch.randn(3, 16))  # the reader stages ahead: blocks.1, then blocks.2
         reader = engine._run.staging

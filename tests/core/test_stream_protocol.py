@@ -115,6 +115,16 @@ def test_a_timed_run_reads_its_events_only_after_they_completed(cuda_model):
     assert model.races == []
 
 
+def interrupt_before(module: nn.Module):
+    """Make `module`'s next forwards raise RuntimeError("interrupted") (a run cut short); returns the hook's
+    handle, whose remove() ends it."""
+
+    def fail(module, args):
+        raise RuntimeError("interrupted")
+
+    return module.register_forward_pre_hook(fail)
+
+
 def test_a_run_cut_short_by_an_exception_leaves_no_copy_racing_the_next(cuda_model):
     units = chain()
     x = torch.randn(3, 16)
@@ -123,10 +133,7 @@ def test_a_run_cut_short_by_an_exception_leaves_no_copy_racing_the_next(cuda_mod
     model = cuda_model("late", "late")
     engine = streamed_engine(units, model, 2)
 
-    def fail(module, args):
-        raise RuntimeError("interrupted")
-
-    handle = units[2][1].register_forward_pre_hook(fail)
+    handle = interrupt_before(units[2][1])
     with torch.no_grad(), model:
         with pytest.raises(RuntimeError, match="interrupted"), engine.attached():
             run_chain(units, range(5), x)
